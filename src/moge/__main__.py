@@ -1,0 +1,5 @@
+import sys
+
+from moge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""CLI subcommands that are not owned by a deeper package."""

@@ -1,0 +1,77 @@
+"""MoGEBlock: router -> dispatch -> experts -> combine, plus the always-on shared expert(s).
+
+A drop-in replacement for a transformer MLP: input [..., D], output [..., D]. With
+`router="grouped"` (the default) it is the paper's MoGE layer; the same block runs the
+conventional top-K and group-limited routers for comparisons. Dropless: every token slot is
+computed, no capacity factor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moge.config import MoEConfig
+from moge.experts import SwiGLUExperts
+from moge.routing import Router, RoutingResult
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU MLP without biases: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SharedExpert(SwiGLU):
+    """Always-on expert. Un-gated (plain sum) as in Pangu Pro MoE, or sigmoid-gated per token as in
+    Qwen2-MoE when `gated`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, gated: bool = False):
+        super().__init__(hidden_size, intermediate_size)
+        self.gate = nn.Linear(hidden_size, 1, bias=False) if gated else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        return y if self.gate is None else torch.sigmoid(self.gate(x)) * y
+
+
+class MoGEBlock(nn.Module):
+    """Mixture of (Grouped) Experts block. `forward(x, return_routing=True)` also returns the
+    RoutingResult, which is all the aux losses and load metrics need."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = SwiGLUExperts(cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size, cfg.backend)
+        shared = [SharedExpert(cfg.hidden_size, w, cfg.shared_expert_gate) for w in cfg.shared_expert_sizes]
+        # One shared expert is stored as `shared_expert` (the release's key names), several as a list.
+        if len(shared) == 1:
+            self.shared_expert = shared[0]
+        elif shared:
+            self.shared_experts = nn.ModuleList(shared)
+
+    def _shared(self) -> list[nn.Module]:
+        if hasattr(self, "shared_expert"):
+            return [self.shared_expert]
+        return list(getattr(self, "shared_experts", []))
+
+    def forward(self, x: Tensor, return_routing: bool = False) -> Tensor | tuple[Tensor, RoutingResult]:
+        if x.shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"input last dim={x.shape[-1]} does not match hidden_size={self.cfg.hidden_size}")
+        lead = x.shape[:-1]
+        x_TD = x.reshape(-1, self.cfg.hidden_size)
+        routing = self.router(x_TD)
+        y_TD = self.experts(x_TD, routing.experts_TK, routing.weights_TK)
+        for expert in self._shared():
+            y_TD = y_TD + expert(x_TD)
+        y = y_TD.view(*lead, self.cfg.hidden_size)
+        return (y, routing) if return_routing else y

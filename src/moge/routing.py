@@ -1,0 +1,188 @@
+"""Routers: which experts each token uses and with what weight.
+
+The maths are pure functions of fp32 logits/probabilities (testable on their own, Megatron-style);
+`Router` is a thin module that owns the gate weight, `router_scale` and the optional
+aux-loss-free selection bias, and calls them. Shapes: T tokens, D model dim, N experts, M groups,
+K selected experts per token (K' = K/M per group for MoGE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moge.config import MoEConfig
+
+
+@dataclass
+class RoutingResult:
+    """Everything losses and metrics need: nothing else has to be recomputed."""
+
+    weights_TK: Tensor  # fp32 combine weights of the chosen experts (router_scale applied)
+    experts_TK: Tensor  # int64 expert ids; for the grouped router ordered by group
+    probs_TN: Tensor  # fp32 softmax over all N experts of the unbiased logits (the SPEC's S)
+    logits_TN: Tensor  # fp32 router logits
+    group_of_expert_N: Tensor  # int64 group id of every expert
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs_TN.shape[-1]
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_of_expert_N.max()) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure routing functions (fp32 in, fp32 weights + int64 ids out)
+# ---------------------------------------------------------------------------------------------
+
+
+def _select_scores(scores_TN: Tensor, bias_N: Tensor | None) -> Tensor:
+    """Scores used for choosing experts: the aux-loss-free bias moves selection, never weights."""
+    return scores_TN if bias_N is None else scores_TN + bias_N
+
+
+def grouped_topk(probs_TN: Tensor, num_groups: int, k_per_group: int, *, experts_by_group_GE: Tensor | None = None,
+                 bias_N: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """MoGE selection: the top-K' experts inside each of M equal groups (SPEC section 2, step 3).
+
+    Returns (weights_TK, experts_TK) with K = M*K', group-major. Weights are the given global
+    probabilities of the chosen experts (not renormalised). `experts_by_group_GE` lists the
+    experts of each group for a non-contiguous assignment; contiguous blocks otherwise.
+    """
+    T, N = probs_TN.shape
+    per = N // num_groups
+    sel_TN = _select_scores(probs_TN, bias_N)
+    if experts_by_group_GE is None:
+        local_TGk = sel_TN.view(T, num_groups, per).topk(k_per_group, dim=-1, sorted=False).indices
+        offset_G1 = torch.arange(num_groups, device=probs_TN.device).view(num_groups, 1) * per
+        experts_TK = (local_TGk + offset_G1).reshape(T, num_groups * k_per_group)
+    else:
+        flat = experts_by_group_GE.reshape(-1).to(probs_TN.device)
+        local_TGk = sel_TN[:, flat].view(T, num_groups, per).topk(k_per_group, dim=-1, sorted=False).indices
+        base_G1 = torch.arange(num_groups, device=probs_TN.device).view(num_groups, 1) * per
+        experts_TK = flat[(local_TGk + base_G1).reshape(T, -1)]
+    return probs_TN.gather(1, experts_TK), experts_TK
+
+
+def topk_softmax_of_logits(logits_TN: Tensor, k: int, *, bias_N: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Conventional MoE, the paper's Eq. 2: softmax over the K largest logits only."""
+    experts_TK = _select_scores(logits_TN, bias_N).topk(k, dim=-1).indices
+    return torch.softmax(logits_TN.gather(1, experts_TK), dim=-1), experts_TK
+
+
+def softmax_then_topk(probs_TN: Tensor, k: int, *, bias_N: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Softmax over all experts, keep the K largest probabilities (optionally renormalised later)."""
+    experts_TK = _select_scores(probs_TN, bias_N).topk(k, dim=-1).indices
+    return probs_TN.gather(1, experts_TK), experts_TK
+
+
+def group_limited_topk(probs_TN: Tensor, num_groups: int, topk_groups: int, k: int, *,
+                       experts_by_group_GE: Tensor | None = None,
+                       bias_N: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """DeepSeek-V3 style: keep the `topk_groups` groups with the largest sum of their top-2
+    scores, then a global top-K among those groups' experts. Limits how many devices a token
+    touches; it does not equalise device load."""
+    T, N = probs_TN.shape
+    per = N // num_groups
+    sel_TN = _select_scores(probs_TN, bias_N)
+    if experts_by_group_GE is None:
+        experts_by_group_GE = torch.arange(N, device=probs_TN.device).view(num_groups, per)
+    flat = experts_by_group_GE.reshape(-1).to(probs_TN.device)
+    sel_TGE = sel_TN[:, flat].view(T, num_groups, per)
+    group_score_TG = sel_TGE.topk(min(2, per), dim=-1).values.sum(-1)
+    keep_TG = group_score_TG.topk(topk_groups, dim=-1).indices
+    mask_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, keep_TG, True)
+    masked_TN = sel_TGE.masked_fill(~mask_TG.unsqueeze(-1), float("-inf")).view(T, N)
+    experts_TK = flat[masked_TN.topk(k, dim=-1).indices]
+    return probs_TN.gather(1, experts_TK), experts_TK
+
+
+def route(logits_TN: Tensor, cfg: MoEConfig, *, router_scale_1N: Tensor | None = None,
+          bias_N: Tensor | None = None, experts_by_group_GE: Tensor | None = None) -> RoutingResult:
+    """Full routing for one batch from fp32 logits, as the config asks."""
+    logits_TN = logits_TN.float()
+    if cfg.check_finite and not bool(torch.isfinite(logits_TN).all()):
+        bad = int((~torch.isfinite(logits_TN)).any(-1).sum())
+        raise FloatingPointError(f"router logits are not finite for {bad} of {logits_TN.shape[0]} tokens "
+                                 "(NaN/Inf in the hidden states or the gate weight); refusing to route them")
+    probs_TN = torch.softmax(logits_TN, dim=-1)
+    if cfg.router == "grouped":
+        weights_TK, experts_TK = grouped_topk(probs_TN, cfg.num_groups, cfg.top_k_per_group,
+                                              experts_by_group_GE=experts_by_group_GE, bias_N=bias_N)
+    elif cfg.router == "topk":
+        weights_TK, experts_TK = topk_softmax_of_logits(logits_TN, cfg.top_k, bias_N=bias_N)
+    elif cfg.router == "softmax_topk":
+        weights_TK, experts_TK = softmax_then_topk(probs_TN, cfg.top_k, bias_N=bias_N)
+    else:
+        weights_TK, experts_TK = group_limited_topk(probs_TN, cfg.num_groups, cfg.topk_groups, cfg.top_k,
+                                                    experts_by_group_GE=experts_by_group_GE, bias_N=bias_N)
+    if cfg.renormalize and cfg.router != "topk":
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+    if router_scale_1N is not None:
+        weights_TK = weights_TK * router_scale_1N.float()[0, experts_TK]
+    group_of_expert_N = torch.tensor(cfg.group_of_expert(), device=logits_TN.device)
+    return RoutingResult(weights_TK, experts_TK, probs_TN, logits_TN, group_of_expert_N)
+
+
+# ---------------------------------------------------------------------------------------------
+# Module
+# ---------------------------------------------------------------------------------------------
+
+
+class Router(nn.Module):
+    """Gate weight (d x N, no bias) + learned `router_scale` [1, N] (+ optional selection bias).
+
+    Logits are computed in fp32 whatever the model dtype (SPEC: softmax in fp32).
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.router_scale = nn.Parameter(torch.ones(1, cfg.num_experts))
+        if cfg.expert_to_group is not None:
+            order = sorted(range(cfg.num_experts), key=lambda e: (cfg.expert_to_group[e], e))
+            self.register_buffer("experts_by_group", torch.tensor(order).view(cfg.num_groups, -1),
+                                 persistent=False)
+        else:
+            self.experts_by_group = None
+        if cfg.aux_free_bias:
+            # Aux-loss-free balancing (DeepSeek-V3): a selection-only bias, updated outside autograd.
+            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+            self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
+        else:
+            self.expert_bias = None
+
+    def forward(self, x_TD: Tensor) -> RoutingResult:
+        logits_TN = F.linear(x_TD.float(), self.gate.weight.float())
+        result = route(logits_TN, self.cfg, router_scale_1N=self.router_scale, bias_N=self.expert_bias,
+                       experts_by_group_GE=self.experts_by_group)
+        if self.expert_bias is not None and self.training:
+            self.tokens_per_expert += torch.bincount(result.experts_TK.reshape(-1),
+                                                     minlength=self.cfg.num_experts).float()
+        return result
+
+    @torch.no_grad()
+    def update_bias(self, rate: float = 1e-3, group: dist.ProcessGroup | None = None) -> None:
+        """Once per optimizer step: raise the bias of under-loaded experts, lower over-loaded
+        ones (sign update), from the counts since the last call (summed over `group` if given).
+        Balances within the unit that competes: inside each group for MoGE, globally otherwise."""
+        if self.expert_bias is None:
+            raise RuntimeError("update_bias() needs a router built with aux_free_bias=True")
+        counts = self.tokens_per_expert.clone()
+        if group is not None or (dist.is_available() and dist.is_initialized()):
+            dist.all_reduce(counts, group=group)
+        if self.cfg.router in ("grouped",):
+            g = torch.tensor(self.cfg.group_of_expert(), device=counts.device)
+            mean = torch.zeros(self.cfg.num_groups, device=counts.device).index_add_(0, g, counts)
+            mean = (mean / self.cfg.experts_per_group)[g]
+        else:
+            mean = counts.mean()
+        self.expert_bias += rate * torch.sign(mean - counts)
+        self.tokens_per_expert.zero_()

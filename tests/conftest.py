@@ -1,0 +1,10 @@
+import os
+
+import torch
+from hypothesis import settings
+
+# Small, fast and repeatable: CI has 2 cores.
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
+settings.register_profile("dev", max_examples=60, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -1,0 +1,104 @@
+"""Config validation names the field, the value and what is valid; HF config.json round trip."""
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moge.config import PRESETS, ModelConfig, MoEConfig, load_model_config
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(num_experts=10, num_groups=4, top_k=4), r"num_groups=4 is invalid: must divide num_experts=10"),
+    (dict(num_experts=16, num_groups=4, top_k=6), r"top_k=6 is invalid: must be a multiple of num_groups=4"),
+    (dict(num_experts=8, num_groups=4, top_k=12), r"top_k=12 is invalid: must be <= num_experts=8"),
+    (dict(num_experts=16, num_groups=8, top_k=16, expert_intermediate_size=4), None),
+    (dict(num_experts=0), r"num_experts=0 is invalid: must be a positive integer"),
+    (dict(hidden_size=-3), r"hidden_size=-3 is invalid"),
+    (dict(top_k=0), r"top_k=0 is invalid"),
+    (dict(router="hash"), r"router='hash' is invalid: choose one of"),
+    (dict(backend="cuda"), r"backend='cuda' is invalid"),
+    (dict(router="group_limited", topk_groups=9), r"topk_groups=9 is invalid: must be <= num_groups=8"),
+    (dict(expert_to_group=(0, 1)), r"expert_to_group=.* needs one group id per expert"),
+    (dict(num_experts=4, num_groups=2, top_k=2, expert_to_group=(0, 0, 0, 1)),
+     r"must put exactly 2 experts in each"),
+    (dict(shared_expert_sizes=(8, 0)), r"shared_expert_sizes\[1\]=0 is invalid"),
+])
+def test_moe_config_errors(kwargs, pattern):
+    full = dict(hidden_size=8, expert_intermediate_size=4) | kwargs
+    if pattern is None:
+        MoEConfig(**full)  # K' = N/M is allowed (every expert chosen)
+        return
+    with pytest.raises(ValueError, match=pattern):
+        MoEConfig(**full)
+
+
+def test_k_prime_greater_than_group_size_is_rejected():
+    # 4 groups of 2 experts, K'=3 > 2 (any K' > N/M also means K > N)
+    with pytest.raises(ValueError, match="top_k=12 is invalid"):
+        MoEConfig(hidden_size=8, expert_intermediate_size=4, num_experts=8, num_groups=4, top_k=12)
+
+
+@given(n_per=st.integers(1, 8), m=st.integers(1, 8), kp=st.integers(1, 8))
+def test_valid_grouped_configs_construct(n_per, m, kp):
+    if kp > n_per:
+        with pytest.raises(ValueError):
+            MoEConfig(hidden_size=8, expert_intermediate_size=4, num_experts=n_per * m, num_groups=m, top_k=kp * m)
+    else:
+        c = MoEConfig(hidden_size=8, expert_intermediate_size=4, num_experts=n_per * m, num_groups=m, top_k=kp * m)
+        assert c.top_k_per_group == kp and c.experts_per_group == n_per
+
+
+def test_pangu_parameter_counts_match_the_paper_exactly():
+    counts = PRESETS["pangu-pro-moe"].parameter_counts()
+    assert counts["total"] == 71_988_781_056
+    assert counts["activated"] == 16_498_139_136
+    assert counts["per_layer_total"] == 1_467_045_952
+    assert counts["attention_per_layer"] == 62_926_848
+
+
+def test_hf_config_round_trip(tmp_path):
+    cfg = PRESETS["pangu-pro-moe"]
+    d = cfg.to_hf_dict()
+    assert d["model_type"] == "PanguProMoE" and d["architectures"] == ["PanguProMoEForCausalLM"]
+    assert d["num_experts"] == 64 and d["num_experts_per_tok"] == 8 and d["moe_intermediate_size"] == 1344
+    cfg.to_json(tmp_path / "config.json")
+    assert load_model_config(tmp_path) == cfg
+
+
+def test_release_style_config_without_our_fields_gets_release_defaults(tmp_path):
+    release = {"architectures": ["PanguProMoEForCausalLM"], "model_type": "PanguProMoE", "hidden_act": "silu",
+               "vocab_size": 153376, "hidden_size": 5120, "num_hidden_layers": 48, "num_attention_heads": 40,
+               "num_key_value_heads": 8, "num_experts": 64, "num_experts_per_tok": 8,
+               "moe_intermediate_size": 1344, "shared_expert_intermediate_size": 5376, "rms_norm_eps": 1e-5,
+               "rope_theta": 16000000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+               "bos_token_id": 1, "eos_token_id": 45892, "pad_token_id": 0, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(release))
+    cfg = ModelConfig.from_json(tmp_path / "config.json")
+    assert cfg == PRESETS["pangu-pro-moe"]
+    assert cfg.moe().top_k_per_group == 1
+
+
+@pytest.mark.parametrize("changes,pattern", [
+    (dict(num_heads=7), r"num_heads=7 is invalid: must divide hidden_size=5120"),
+    (dict(num_kv_heads=3), r"num_kv_heads=3 is invalid: must divide num_heads=40"),
+    (dict(num_groups=7), r"num_groups=7 is invalid"),
+    (dict(eos_token_id=10**6), r"eos_token_id=1000000 is invalid"),
+    (dict(num_experts=0, intermediate_size=0), r"intermediate_size=0 is invalid"),
+])
+def test_model_config_errors(changes, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        PRESETS["pangu-pro-moe"].replace(**changes)
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(ValueError, match="neither a preset"):
+        load_model_config("no-such-model")
+    p = tmp_path / "config.json"
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_model_config(p)
+    p.write_text(json.dumps({"hidden_act": "gelu"}))
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        load_model_config(p)
