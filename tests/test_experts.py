@@ -1,4 +1,4 @@
-"""Every expert backend equals the reference written from the SPEC, forward and backward."""
+"""Every expert backend equals the reference written from the paper's formula, forward and backward."""
 
 import pytest
 import torch

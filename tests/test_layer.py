@@ -1,4 +1,4 @@
-"""MoGEBlock end to end against a reference written straight from SPEC section 2."""
+"""MoGEBlock end to end against a reference written straight from the paper's MoGE definition."""
 
 import pytest
 import torch

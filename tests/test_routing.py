@@ -1,4 +1,4 @@
-"""Routers against direct restatements of the SPEC."""
+"""Routers against direct restatements of the paper's definitions."""
 
 import pytest
 import torch

@@ -42,7 +42,7 @@ def device_loads(experts_TK: Tensor, expert_to_device: Tensor, num_devices: int)
 
 
 def imbalance_score(experts_TK: Tensor, expert_to_device: Tensor, num_devices: int) -> Tensor:
-    """IS(X) = (max_i T_i - min_i T_i) / |X| (SPEC section 1); batched over leading dims."""
+    """IS(X) = (max_i T_i - min_i T_i) / |X| (the paper's Imbalance Score); batched over leading dims."""
     loads = device_loads(experts_TK, expert_to_device, num_devices).float()
     tokens = experts_TK.shape[-2]
     return (loads.max(-1).values - loads.min(-1).values) / tokens
@@ -158,7 +158,7 @@ def expected_max_load(tokens: int, num_experts: int, top_k: int, num_devices: in
 
 def aux_loss_from_counts(probs_TN: Tensor, counts_N: Tensor, num_tokens: float, top_k: int,
                          alpha: float = 1.0) -> Tensor:
-    """l_aux = alpha * sum_i f_i * p_i with f_i = N/(K*|B|) * count_i (SPEC section 2).
+    """l_aux = alpha * sum_i f_i * p_i with f_i = N/(K*|B|) * count_i (the paper's Eq. for l_aux).
 
     `counts_N`/`num_tokens` may come from a larger batch than `probs_TN` (global-batch scope);
     p_i is the mean of the global softmax over the tokens given here, and carries the gradient.

@@ -227,7 +227,7 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    # ---- parameter arithmetic (SPEC section 3) -------------------------------------------------
+    # ---- parameter arithmetic (reproduces the paper's 71.99B / 16.50B) ---------------------------
     def parameter_counts(self) -> dict[str, int]:
         """Total and activated parameters, counted as the paper does (both embedding matrices)."""
         d, hd = self.hidden_size, self.head_size

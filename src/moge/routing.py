@@ -24,7 +24,7 @@ class RoutingResult:
 
     weights_TK: Tensor  # fp32 combine weights of the chosen experts (router_scale applied)
     experts_TK: Tensor  # int64 expert ids; for the grouped router ordered by group
-    probs_TN: Tensor  # fp32 softmax over all N experts of the unbiased logits (the SPEC's S)
+    probs_TN: Tensor  # fp32 softmax over all N experts of the unbiased logits (the paper's S)
     logits_TN: Tensor  # fp32 router logits
     group_of_expert_N: Tensor  # int64 group id of every expert
 
@@ -49,7 +49,7 @@ def _select_scores(scores_TN: Tensor, bias_N: Tensor | None) -> Tensor:
 
 def grouped_topk(probs_TN: Tensor, num_groups: int, k_per_group: int, *, experts_by_group_GE: Tensor | None = None,
                  bias_N: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """MoGE selection: the top-K' experts inside each of M equal groups (SPEC section 2, step 3).
+    """MoGE selection: the top-K' experts inside each of M equal groups (paper section 2, step 3).
 
     Returns (weights_TK, experts_TK) with K = M*K', group-major. Weights are the given global
     probabilities of the chosen experts (not renormalised). `experts_by_group_GE` lists the
@@ -104,7 +104,8 @@ def group_limited_topk(probs_TN: Tensor, num_groups: int, topk_groups: int, k: i
 
 
 def route(logits_TN: Tensor, cfg: MoEConfig, *, router_scale_1N: Tensor | None = None,
-          bias_N: Tensor | None = None, experts_by_group_GE: Tensor | None = None) -> RoutingResult:
+          bias_N: Tensor | None = None, experts_by_group_GE: Tensor | None = None,
+          group_of_expert_N: Tensor | None = None) -> RoutingResult:
     """Full routing for one batch from fp32 logits, as the config asks."""
     logits_TN = logits_TN.float()
     if cfg.check_finite and not bool(torch.isfinite(logits_TN).all()):
@@ -126,7 +127,8 @@ def route(logits_TN: Tensor, cfg: MoEConfig, *, router_scale_1N: Tensor | None =
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
     if router_scale_1N is not None:
         weights_TK = weights_TK * router_scale_1N.float()[0, experts_TK]
-    group_of_expert_N = torch.tensor(cfg.group_of_expert(), device=logits_TN.device)
+    if group_of_expert_N is None:
+        group_of_expert_N = torch.tensor(cfg.group_of_expert(), device=logits_TN.device)
     return RoutingResult(weights_TK, experts_TK, probs_TN, logits_TN, group_of_expert_N)
 
 
@@ -138,7 +140,7 @@ def route(logits_TN: Tensor, cfg: MoEConfig, *, router_scale_1N: Tensor | None =
 class Router(nn.Module):
     """Gate weight (d x N, no bias) + learned `router_scale` [1, N] (+ optional selection bias).
 
-    Logits are computed in fp32 whatever the model dtype (SPEC: softmax in fp32).
+    Logits are computed in fp32 whatever the model dtype (the release computes the softmax in fp32).
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -146,6 +148,7 @@ class Router(nn.Module):
         self.cfg = cfg
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.router_scale = nn.Parameter(torch.ones(1, cfg.num_experts))
+        self.register_buffer("group_of_expert", torch.tensor(cfg.group_of_expert()), persistent=False)
         if cfg.expert_to_group is not None:
             order = sorted(range(cfg.num_experts), key=lambda e: (cfg.expert_to_group[e], e))
             self.register_buffer("experts_by_group", torch.tensor(order).view(cfg.num_groups, -1),
@@ -162,7 +165,7 @@ class Router(nn.Module):
     def forward(self, x_TD: Tensor) -> RoutingResult:
         logits_TN = F.linear(x_TD.float(), self.gate.weight.float())
         result = route(logits_TN, self.cfg, router_scale_1N=self.router_scale, bias_N=self.expert_bias,
-                       experts_by_group_GE=self.experts_by_group)
+                       experts_by_group_GE=self.experts_by_group, group_of_expert_N=self.group_of_expert)
         if self.expert_bias is not None and self.training:
             self.tokens_per_expert += torch.bincount(result.experts_TK.reshape(-1),
                                                      minlength=self.cfg.num_experts).float()
@@ -178,8 +181,8 @@ class Router(nn.Module):
         counts = self.tokens_per_expert.clone()
         if group is not None or (dist.is_available() and dist.is_initialized()):
             dist.all_reduce(counts, group=group)
-        if self.cfg.router in ("grouped",):
-            g = torch.tensor(self.cfg.group_of_expert(), device=counts.device)
+        if self.cfg.router == "grouped":
+            g = self.group_of_expert
             mean = torch.zeros(self.cfg.num_groups, device=counts.device).index_add_(0, g, counts)
             mean = (mean / self.cfg.experts_per_group)[g]
         else:
