@@ -9,6 +9,8 @@ import sys
 # module path -> it defines `register(subparsers)` adding one or more subcommands
 COMMAND_MODULES = [
     "moge.commands.imbalance",
+    "moge.commands.model",
+    "moge.sim.cli",
 ]
 
 

@@ -1,0 +1,115 @@
+"""`moge params` and `moge generate`: the Pangu Pro MoE model from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "params", help="total and activated parameter counts of a preset or config.json",
+        description="Builds the model on the meta device (no memory is allocated) and counts its "
+                    "parameters. Activated = what one token uses: the K routed experts, the shared "
+                    "expert, everything dense and both embedding matrices (the paper's convention).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", nargs="?", default="pangu-pro-moe",
+                   help="preset name, config.json path or checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=run_params)
+
+    g = sub.add_parser(
+        "generate", help="generate text from a checkpoint in the released layout",
+        description="Loads a checkpoint directory (config.json, *.safetensors, tokenizer) and "
+                    "generates a continuation for each --prompt, printing the text and tokens/s. "
+                    "Several --prompt flags run as one padded batch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("--model", required=True, help="checkpoint directory in the released layout")
+    g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    g.add_argument("--token-ids", action="append",
+                   help="a prompt as comma-separated token ids instead of text (repeat for a batch)")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the release's chat format")
+    g.add_argument("--system", default="", help="system message for --chat")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
+    g.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    g.set_defaults(func=run_generate)
+
+
+def run_params(args: argparse.Namespace) -> int:
+    from moge.config import load_model_config
+    from moge.model import PanguProMoEForCausalLM
+
+    cfg = load_model_config(args.model)
+    with torch.device("meta"):
+        model = PanguProMoEForCausalLM(cfg)
+    counts = model.num_parameters()
+    result = {"model": str(args.model), **counts, "total_billions": counts["total"] / 1e9,
+              "activated_billions": counts["activated"] / 1e9,
+              "bf16_weight_gib": counts["total"] * 2 / 2**30}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.model}: total {counts['total']:,} ({result['total_billions']:.2f}B), "
+              f"activated {counts['activated']:,} ({result['activated_billions']:.2f}B), "
+              f"bf16 weights {result['bf16_weight_gib']:.1f} GiB")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from moge.checkpoint import load_pretrained
+    from moge.generate import Sampling, generate
+    from moge.tokenizer import chat_prompt, load_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.prompt and not args.token_ids:
+        raise ValueError("give at least one --prompt TEXT or --token-ids 1,2,3")
+    model = load_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+    tok = None
+    prompts: list[list[int]] = []
+    stop = [model.config.eos_token_id]
+    if args.prompt:
+        tok = load_tokenizer(args.model)
+        for text in args.prompt:
+            if args.chat:
+                text, stop_id = chat_prompt([("system", args.system), ("user", text)], tok)
+                stop = [stop_id]
+            prompts.append(tok.encode(text, add_bos=True))
+    for ids in args.token_ids or []:
+        try:
+            prompts.append([int(t) for t in ids.split(",") if t.strip()])
+        except ValueError:
+            raise ValueError(f"--token-ids={ids!r} is invalid: expected comma-separated integers") from None
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    on_token = None
+    if args.stream and not args.json and tok is not None and len(prompts) == 1:
+        def on_token(row: int, token: int) -> None:
+            sys.stdout.write(tok.decode([token]))
+            sys.stdout.flush()
+    res = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop,
+                   on_token=on_token)
+    texts = [tok.decode(t) if tok is not None else None for t in res.tokens]
+    out = {"completions": [{"tokens": t, "text": x} for t, x in zip(res.tokens, texts)],
+           "prompt_tokens": res.prompt_tokens, "new_tokens": res.new_tokens,
+           "prefill_tokens_per_s": res.prefill_tokens_per_s, "decode_tokens_per_s": res.decode_tokens_per_s}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    if on_token is not None:
+        print()
+    else:
+        for i, c in enumerate(out["completions"]):
+            print(f"[{i}] {c['text'] if c['text'] is not None else c['tokens']}")
+    print(f"prefill {res.prompt_tokens} tokens at {res.prefill_tokens_per_s:.1f} tok/s; "
+          f"decode {res.new_tokens} tokens at {res.decode_tokens_per_s:.1f} tok/s", file=sys.stderr)
+    return 0

@@ -1,0 +1,137 @@
+"""Generation: batched prefill into a preallocated KV cache, then one token per step.
+
+Prompts of different lengths are left-padded so every row's next token sits in the same column;
+the attention mask hides the padding and positions count only real tokens, so a padded batch
+gives the same tokens as running each prompt alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from moge.model import KVCache, PanguProMoEForCausalLM
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 = greedy. top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} is invalid: must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} is invalid: must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} is invalid: must be in (0, 1]")
+
+
+def sample_next(logits_BV: Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> Tensor:
+    """Next token ids [B] from fp32 logits: greedy, or temperature + top-k + top-p sampling."""
+    if sampling.temperature == 0:
+        return logits_BV.argmax(-1)
+    logits = logits_BV.float() / sampling.temperature
+    if sampling.top_k:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already cover top_p
+        drop = probs.cumsum(-1) - probs >= sampling.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per prompt (stop token included when hit)
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    finished: list[bool] = field(default_factory=list)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens produced by the decode steps (all rows) per second of decoding."""
+        produced = self.decode_steps * len(self.tokens)
+        return produced / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+@torch.inference_mode()
+def generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+             sampling: Sampling = Sampling(), stop_ids: Sequence[int] | None = None,
+             on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
+    """Generate up to `max_new_tokens` for each prompt. `on_token(row, token_id)` streams tokens.
+    A row stops at any of `stop_ids` (default: the config's eos_token_id)."""
+    cfg = model.config
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the context of "
+                         f"{cfg.max_position_embeddings} tokens (max_position_embeddings)")
+    for row, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {row}: token id {bad[0]} is out of range: valid ids are 0..{cfg.vocab_size - 1}")
+    stop = set(stop_ids if stop_ids is not None else ([cfg.eos_token_id] if cfg.eos_token_id is not None else []))
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    B = len(prompts)
+    pad = cfg.pad_token_id or 0
+    ids = torch.full((B, longest), pad, dtype=torch.long, device=device)
+    mask = torch.zeros(B, longest, dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[row, longest - len(p):] = 1
+    padded = bool((mask == 0).any())
+    cache = KVCache.allocate(cfg, B, longest + max_new_tokens, dtype, device)
+    gen = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
+
+    t0 = time.perf_counter()
+    out = model(ids, cache=cache, attention_mask=mask if padded else None, logits_slice=slice(-1, None))
+    next_ids = sample_next(out.logits[:, -1], sampling, gen)
+    t1 = time.perf_counter()
+    tokens: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    steps = 0
+    while True:
+        for row, tok in enumerate(next_ids.tolist()):
+            if done[row]:
+                continue
+            tokens[row].append(tok)
+            if on_token is not None:
+                on_token(row, tok)
+            if tok in stop or len(tokens[row]) >= max_new_tokens:
+                done[row] = True
+        if all(done):
+            break
+        out = model(next_ids.view(B, 1), cache=cache)
+        next_ids = sample_next(out.logits[:, -1], sampling, gen)
+        steps += 1
+    t2 = time.perf_counter()
+    return GenerationResult(tokens, sum(len(p) for p in prompts), t1 - t0, t2 - t1, steps,
+                            [bool(t and t[-1] in stop) for t in tokens])

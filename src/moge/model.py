@@ -1,0 +1,243 @@
+"""The Pangu Pro MoE decoder in plain PyTorch, readable top to bottom.
+
+    tokens -> embed_tokens -> [DecoderLayer x L] -> norm -> lm_head -> fp32 logits
+    DecoderLayer: h + Attention(RMSNorm(h)), then h + MoGEBlock(RMSNorm(h))  (pre-norm only)
+
+Attention is GQA with biases on q, k, v and o, RoPE over the full head dim (rotate-half), causal
+`scaled_dot_product_attention`. The MLP is a MoGEBlock (or a dense SwiGLU when the config has no
+experts). Parameter names follow the release (`model.layers.{i}.self_attn.q_proj.weight`, ...);
+only the routed experts are stacked, and checkpoint.py maps them to the per-expert keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moge.config import ModelConfig
+from moge.layer import MoGEBlock, SwiGLU
+from moge.routing import RoutingResult
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+
+def rope_cos_sin(positions_BS: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [B, 1, S, head_dim] for the given positions (rotate-half layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_BS.device, dtype=torch.float64)
+                                / head_dim))
+    angles = positions_BS.to(torch.float64).unsqueeze(-1) * inv_freq  # [B, S, hd/2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float().unsqueeze(1), angles.sin().float().unsqueeze(1)
+
+
+def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x_BHSd.shape[-1] // 2
+    rotated = torch.cat([-x_BHSd[..., half:], x_BHSd[..., :half]], dim=-1)
+    return (x_BHSd.float() * cos + rotated.float() * sin).to(x_BHSd.dtype)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values for every layer: [L, B, H_kv, max_len, head_dim] each.
+
+    `length` tokens are filled for every row (left padding keeps rows aligned); `valid_BT` marks
+    which cached slots are real tokens (False for padding), for the attention mask.
+    """
+
+    k: Tensor
+    v: Tensor
+    valid_BT: Tensor
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> "KVCache":
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_size)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(batch, max_len, dtype=torch.bool, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k_BHSd: Tensor, v_BHSd: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's keys/values for `layer`; return all keys/values so far."""
+        start, end = self.length, self.length + k_BHSd.shape[2]
+        self.k[layer, :, :, start:end] = k_BHSd
+        self.v[layer, :, :, start:end] = v_BHSd
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, tokens: int, valid_new_BS: Tensor) -> None:
+        """After every layer has stored the step: record which new slots are real tokens."""
+        self.valid_BT[:, self.length:self.length + tokens] = valid_new_BS
+        self.length += tokens
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd, h, kv = cfg.head_size, cfg.num_heads, cfg.num_kv_heads
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, h * hd, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv * hd, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv * hd, bias=bias)
+        self.o_proj = nn.Linear(h * hd, cfg.hidden_size, bias=bias)
+
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, layer: int,
+                cache: KVCache | None) -> Tensor:
+        B, S, _ = x_BSD.shape
+        hd, h, kv = self.cfg.head_size, self.cfg.num_heads, self.cfg.num_kv_heads
+        q = self.q_proj(x_BSD).view(B, S, h, hd).transpose(1, 2)
+        k = self.k_proj(x_BSD).view(B, S, kv, hd).transpose(1, 2)
+        v = self.v_proj(x_BSD).view(B, S, kv, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        is_causal = mask is None and S > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=h != kv)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, h * hd))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoGEBlock(cfg.moe()) if cfg.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, layer: int,
+                cache: KVCache | None) -> tuple[Tensor, RoutingResult | None]:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, layer, cache)
+        if isinstance(self.mlp, MoGEBlock):
+            out, routing = self.mlp(self.post_attention_layernorm(h), return_routing=True)
+        else:
+            out, routing = self.mlp(self.post_attention_layernorm(h)), None
+        return h + out, routing
+
+
+class PanguProMoEModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, S, V] fp32
+    routing: list[RoutingResult] | None = None
+    hidden: Tensor | None = None  # final normed hidden states [B, S, D]
+
+
+class PanguProMoEForCausalLM(nn.Module):
+    """The whole model. `forward(input_ids)` for training/scoring; with a KVCache for generation."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = PanguProMoEModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: KVCache | None = None,
+                attention_mask: Tensor | None = None, return_routing: bool = False,
+                logits_slice: slice | None = None) -> ModelOutput:
+        """input_ids [B, S]. `attention_mask` [B, S] (1 = token, 0 = left padding) is needed only for
+        padded batches; `positions` default to 0.. for each row's real tokens. `logits_slice`
+        restricts the lm_head to some positions (e.g. the last one during generation)."""
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        B, S = input_ids.shape
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+            bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)]
+            raise ValueError(f"token id {int(bad[0])} is out of range: valid ids are 0..{cfg.vocab_size - 1} "
+                             f"(vocab_size={cfg.vocab_size})")
+        past = cache.length if cache is not None else 0
+        if past + S > cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {past + S} exceeds max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        if cache is not None and past + S > cache.max_len:
+            raise ValueError(f"sequence length {past + S} exceeds the KV cache size {cache.max_len}")
+        valid_BT = self._valid_tokens(B, S, past, attention_mask, cache, input_ids.device)
+        if positions is None:
+            # each row counts only its real tokens: left padding does not shift positions
+            positions = (valid_BT.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+        mask = self._attention_mask(S, past, valid_BT)
+        cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta)
+        h = self.model.embed_tokens(input_ids)
+        routings = []
+        for i, layer in enumerate(self.model.layers):
+            h, routing = layer(h, cos, sin, mask, i, cache)
+            routings.append(routing)
+        if cache is not None:
+            cache.advance(S, valid_BT[:, past:])
+        h = self.model.norm(h)
+        if logits_slice is not None:
+            h = h[:, logits_slice]
+        logits = F.linear(h.float(), self.lm_head.weight.float()) if h.dtype != torch.float32 else self.lm_head(h)
+        return ModelOutput(logits, routings if return_routing else None, h)
+
+    @staticmethod
+    def _valid_tokens(B: int, S: int, past: int, attention_mask: Tensor | None, cache, device) -> Tensor:
+        """[B, past+S] bool: which positions hold real tokens (False = padding).
+
+        `attention_mask` may cover the new tokens only ([B, S]) or the whole sequence
+        ([B, past+S], the Hugging Face convention); cached history comes from the cache."""
+        if attention_mask is not None and attention_mask.shape == (B, past + S) and past:
+            return attention_mask.to(device=device, dtype=torch.bool)
+        if attention_mask is not None:
+            if attention_mask.shape != (B, S):
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must be {(B, S)} "
+                                 f"(new tokens) or {(B, past + S)} (whole sequence)")
+            new = attention_mask.to(device=device, dtype=torch.bool)
+        else:
+            new = torch.ones(B, S, dtype=torch.bool, device=device)
+        history = getattr(cache, "valid_BT", None)
+        if past == 0:
+            return new
+        old = history[:, :past] if history is not None else torch.ones(B, past, dtype=torch.bool, device=device)
+        return torch.cat([old, new], dim=1)
+
+    @staticmethod
+    def _attention_mask(S: int, past: int, valid_BT: Tensor) -> Tensor | None:
+        """Boolean SDPA mask [B, 1, S, past+S], or None when plain causal attention is exact."""
+        if bool(valid_BT.all()) and (S == 1 or past == 0):
+            return None  # one new token sees everything; an unpadded prefill is plain causal
+        device = valid_BT.device
+        q_pos = torch.arange(past, past + S, device=device).view(1, S, 1)
+        k_pos = torch.arange(past + S, device=device).view(1, 1, past + S)
+        mask = (k_pos <= q_pos) & valid_BT.unsqueeze(1)
+        # a padding query would attend to nothing (NaN); let it see itself, its output is unused
+        mask = mask | (k_pos == q_pos)
+        return mask.unsqueeze(1)
+
+    def num_parameters(self) -> dict[str, int]:
+        """Total and activated parameter counts of this instance (works on the meta device)."""
+        total = sum(p.numel() for p in self.parameters())
+        cfg = self.config
+        if cfg.is_moe:
+            per_expert = 3 * cfg.hidden_size * cfg.expert_intermediate_size
+            inactive = cfg.num_layers * (cfg.num_experts - cfg.top_k) * per_expert
+        else:
+            inactive = 0
+        return {"total": total, "activated": total - inactive}
