@@ -10,6 +10,8 @@ import sys
 COMMAND_MODULES = [
     "moge.commands.imbalance",
     "moge.commands.model",
+    "moge.commands.train",
+    "moge.data.cli",
     "moge.sim.cli",
 ]
 

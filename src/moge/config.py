@@ -324,6 +324,17 @@ PRESETS: dict[str, ModelConfig] = {
                              num_experts=16, top_k=4, num_groups=4, expert_intermediate_size=128,
                              shared_expert_intermediate_size=256, max_position_embeddings=1024,
                              rope_theta=10000.0, eos_token_id=2, pad_token_id=0),
+    # The fair comparison (equal activated parameters, equal tokens): moge-tiny above, the same
+    # experts with conventional top-K routing, and a dense model with the same activated MLP width
+    # (K * expert width + shared = 4 * 128 + 256).
+    "topk-tiny": ModelConfig(vocab_size=8192, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                             num_experts=16, top_k=4, num_groups=4, router="topk", expert_intermediate_size=128,
+                             shared_expert_intermediate_size=256, max_position_embeddings=1024,
+                             rope_theta=10000.0, eos_token_id=2, pad_token_id=0),
+    "dense-tiny": ModelConfig(vocab_size=8192, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                              num_experts=0, top_k=1, num_groups=1, router="topk", intermediate_size=768,
+                              shared_expert_intermediate_size=0, max_position_embeddings=1024,
+                              rope_theta=10000.0, eos_token_id=2, pad_token_id=0),
     "moge-small": ModelConfig(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2,
                               num_experts=64, top_k=8, num_groups=8, expert_intermediate_size=256,
                               shared_expert_intermediate_size=1024, max_position_embeddings=2048,

@@ -231,6 +231,23 @@ class PanguProMoEForCausalLM(nn.Module):
         mask = mask | (k_pos == q_pos)
         return mask.unsqueeze(1)
 
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> "PanguProMoEForCausalLM":
+        """GPT-style initialisation for training from scratch: normal(0, std) matrices, zero biases,
+        unit norms and router_scale; projections that write into the residual stream (o_proj,
+        down_proj) scaled by 1/sqrt(2 * layers) so the residual variance does not grow with depth."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        out_std = std / (2 * self.config.num_layers) ** 0.5
+        for name, p in self.named_parameters():
+            if name.endswith("router_scale") or name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                s = out_std if ("o_proj" in name or "down_proj" in name) else std
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(s))
+        return self
+
     def num_parameters(self) -> dict[str, int]:
         """Total and activated parameter counts of this instance (works on the meta device)."""
         total = sum(p.numel() for p in self.parameters())
