@@ -156,3 +156,31 @@ def test_lr_schedule_shape():
     values = [lr_at(s, cfg) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
     assert dataclasses.asdict(cfg)["steps"] == 100
+
+
+def test_compare_report_on_generated_corpus(corpus, tmp_path):
+    from moge.compare import run_compare
+
+    cfg = _cfg(corpus, tmp_path, steps=4, eval_every=2, save_every=2, batch_size=2)
+    report = run_compare(cfg, tmp_path / "cmp", load_data(cfg), progress=False, log=lambda _m: None)
+    assert set(report["variants"]) == {"moge", "topk", "dense", "moge-local-aux"}
+    v = report["variants"]
+    assert v["moge"]["params"]["activated"] == v["topk"]["params"]["activated"]
+    assert abs(v["dense"]["params"]["activated"] / v["moge"]["params"]["activated"] - 1) < 0.01
+    for row in v["moge"]["routing"][0]["imbalance"]:
+        assert row["mean_is"] == 0.0
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| moge |" in md and "curves.png" in md
+    assert (tmp_path / "cmp" / "balance.png").read_bytes()[:4] == b"\x89PNG"
+    again = run_compare(cfg, tmp_path / "cmp", load_data(cfg), progress=False, log=lambda _m: None)
+    assert again["variants"]["moge"]["val"] == v["moge"]["val"]  # finished runs are reused
+
+
+@pytest.mark.slow
+def test_quickstart_main_job_end_to_end(tmp_path, capsys):
+    """The README's main job on the real corpus (downloads on first use)."""
+    assert main(["quickstart", "--steps", "3", "--out", str(tmp_path / "qs"), "--max-new-tokens", "5", "--json"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["steps"] == 3
+    assert all(v["imbalance_score_mean"] == 0.0 for v in result["balance"].values())

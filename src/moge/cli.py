@@ -11,6 +11,7 @@ COMMAND_MODULES = [
     "moge.commands.imbalance",
     "moge.commands.model",
     "moge.commands.train",
+    "moge.commands.quickstart",
     "moge.data.cli",
     "moge.sim.cli",
 ]
@@ -20,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moge",
         description="Mixture of Grouped Experts (MoGE) and Pangu Pro MoE: routing studies, "
-                    "models, training, expert parallelism and deployment simulation.")
+                    "models, training and deployment simulation.")
     from moge import __version__
 
     parser.add_argument("--version", action="version", version=f"moge {__version__}")

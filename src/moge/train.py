@@ -105,6 +105,7 @@ class TrainData:
         self.seq_len, self.seed = seq_len, seed
         self.vocab_size, self.eos_id, self.pad_id = self.shards.vocab_size, self.shards.eos_id, self.shards.pad_id
         self.domains = self.shards.domains
+        self.tokenizer_path = self.shards.tokenizer_path
         self._samplers: dict[int, Any] = {}
 
     def train_batch(self, step: int, micro: int, batch_size: int) -> torch.Tensor:
@@ -198,6 +199,9 @@ class Trainer:
         tmp = self.ckpt_root / f".tmp-step-{self.step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         save_pretrained(self.model, tmp)
+        tokenizer = getattr(self.data, "tokenizer_path", None)
+        if tokenizer is not None and Path(tokenizer).exists():  # so `moge generate --model CKPT` has it
+            shutil.copy2(tokenizer, tmp / Path(tokenizer).name)
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                  "rng_cpu": torch.get_rng_state(), "train_config": json.dumps(dataclasses.asdict(self.cfg)),
                  "routers": self._router_state()}
