@@ -159,8 +159,13 @@ def run_compare_cmd(args: argparse.Namespace) -> int:
 
     cfg = train_config_from_args(args, COMPARE_DEFAULTS)
     data = load_data(cfg)
-    report = run_compare(cfg, Path(cfg.out), data, progress=not args.no_progress,
-                         log=lambda msg: print(msg, file=sys.stderr))
+    try:
+        report = run_compare(cfg, Path(cfg.out), data, progress=not args.no_progress,
+                             log=lambda msg: print(msg, file=sys.stderr))
+    except KeyboardInterrupt:
+        print(f"moge compare: interrupted; finished and partial runs are kept in {cfg.out}, run the same "
+              f"command again to continue", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps({k: v for k, v in report.items()}, indent=2))
     else:
