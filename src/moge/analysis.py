@@ -137,7 +137,7 @@ def plot_analysis(stats: dict, out_dir: Path, title: str = "") -> list[Path]:
         fig.colorbar(im, ax=ax, fraction=0.04)
     fig.suptitle(f"{title} expert load per domain".strip())
     fig.tight_layout()
-    paths.append(_save(fig, out_dir / "domain_share.png"))
+    paths.append(save_figure(fig, out_dir / "domain_share.png"))
 
     last = stats["layers"][picks[-1]]
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -147,7 +147,7 @@ def plot_analysis(stats: dict, out_dir: Path, title: str = "") -> list[Path]:
     ax.set_ylabel("expert")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    paths.append(_save(fig, out_dir / "coactivation.png"))
+    paths.append(save_figure(fig, out_dir / "coactivation.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     for layer in picks:
@@ -162,11 +162,12 @@ def plot_analysis(stats: dict, out_dir: Path, title: str = "") -> list[Path]:
         ax.set_xlabel("expert")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(_save(fig, out_dir / "expert_share.png"))
+    paths.append(save_figure(fig, out_dir / "expert_share.png"))
     return paths
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as PNG and free it."""
     import matplotlib.pyplot as plt
 
     fig.savefig(path, dpi=110)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from moge.analysis import collect_routing, imbalance_by_batch_size
+from moge.analysis import collect_routing, imbalance_by_batch_size, save_figure
 from moge.balance import load_stats
 from moge.io import atomic_write_text
 from moge.train import TrainConfig, Trainer
@@ -157,11 +157,7 @@ def _plot(report: dict, out: Path) -> list[str]:
 
 
 def _save(fig, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return save_figure(fig, path).name
 
 
 def _markdown(report: dict, plots: list[str]) -> str:
@@ -189,17 +185,15 @@ def _markdown(report: dict, plots: list[str]) -> str:
         d = v["moge"]["val_mean"] - v["moge-local-aux"]["val_mean"]
         lines.append(f"Global-softmax aux minus local per-group aux: {d:+.4f} nats/token "
                      f"({'global better' if d < 0 else 'local better'}).")
-    lines += ["", "## Device balance on real routing (4 devices, one group each; mean over layers)", "",
-              "| variant | " + " | ".join(f"{r['tokens']} tok" for r in next(
-                  r for r in v.values() if "routing" in r)["routing"][0]["imbalance"]) + " | busiest expert share |",
-              ]
     moe = {n: r for n, r in v.items() if "routing" in r}
     if moe:
-        sizes = len(next(iter(moe.values()))["routing"][0]["imbalance"])
-        lines.append("|---|" + "---|" * (sizes + 1))
+        sizes = [row["tokens"] for row in next(iter(moe.values()))["routing"][0]["imbalance"]]
+        lines += ["", "## Device balance on real routing (4 devices, one group each; mean over layers)", "",
+                  "| variant | " + " | ".join(f"{t} tok" for t in sizes) + " | busiest expert share |",
+                  "|---|" + "---|" * (len(sizes) + 1)]
         for name, r in moe.items():
             cells = []
-            for i in range(sizes):
+            for i in range(len(sizes)):
                 mom = statistics.mean(layer["imbalance"][i]["mean_max_over_mean"] for layer in r["routing"])
                 is_ = statistics.mean(layer["imbalance"][i]["mean_is"] for layer in r["routing"])
                 cells.append(f"max/mean {mom:.3f}, IS {is_:.3f}")
