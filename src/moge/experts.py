@@ -53,6 +53,39 @@ def grouped_mm_supported(x: Tensor, hidden: int, ffn: int) -> bool:
     return (hidden * size) % 16 == 0 and (ffn * size) % 16 == 0 and (2 * ffn * size) % 16 == 0
 
 
+# Up to this many rows, `linear` computes weight @ x.T on CPU (measured with D=512 weights on 2
+# threads: 1.2-3x faster than x @ weight.T from 1 to 32 rows, even at 128, behind from 256).
+FEW_ROWS = 128
+# One row is worth doubling from this weight size on (1 MB fp32; measured on 2 threads: a 512x512
+# weight streams about 1.2x faster, the shared expert's 1024x512 1.4x, an 8192x512 lm_head 1.9x).
+DOUBLE_ROW_MIN_WEIGHT = 256 * 1024
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)`, arranged for the few-row products of decoding on CPU.
+
+    For a handful of rows MKL computes x @ weight.T on one core; weight @ x.T (the same sums, in
+    another order) splits the weight's rows over the threads and streams the weight 1.2-3x
+    faster. One row takes MKL's single-threaded matrix-vector path either way; for weights of
+    DOUBLE_ROW_MIN_WEIGHT elements and more it is doubled into two rows, which is faster still.
+    With one thread, on other devices and for many rows this is plain F.linear."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.device.type != "cpu" or not 0 < rows <= FEW_ROWS or torch.get_num_threads() < 2:
+        return F.linear(x, weight, bias)
+    if rows == 1 and weight.numel() < DOUBLE_ROW_MIN_WEIGHT:
+        return F.linear(x, weight, bias)
+    x_MK = x.reshape(rows, x.shape[-1])
+    if rows == 1:
+        x_MK = torch.cat([x_MK, x_MK])
+    if bias is None:
+        y_NM = torch.mm(weight, x_MK.t())
+    else:
+        y_NM = torch.addmm(bias.unsqueeze(1), weight, x_MK.t())
+    if rows == 1:  # a strided view of the first column: copying it would cost more than it saves
+        return y_NM[:, 0].view(*x.shape[:-1], weight.shape[0])
+    return y_NM.t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
 # CPU crossover between the grouped_mm and loop kernels, in mean rows per expert (measured with
 # D=512, F=256, 64 experts on 1-2 threads: grouped_mm ahead up to 32 rows, loop ahead from 64).
 GROUPED_MM_MAX_ROWS_PER_EXPERT = 48
@@ -91,16 +124,26 @@ class SwiGLUExperts(nn.Module):
         return "grouped_mm" if rows < GROUPED_MM_MAX_ROWS_PER_EXPERT * self.num_experts else "loop"
 
     def forward(self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, backend: str | None = None) -> Tensor:
+        chosen = backend or self.backend
         backend = backend or self.resolve_backend(x_TD, experts_TK.numel())
         if backend == "reference":
             return reference_experts(x_TD, experts_TK, weights_TK, self.gate_up_proj, self.down_proj)
+        inference = x_TD.device.type == "cpu" and not (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x_TD, weights_TK, self.gate_up_proj, self.down_proj)))
+        if inference and x_TD.shape[0] == 1 and chosen == "auto":
+            return _one_token_experts(x_TD.to(self.gate_up_proj.dtype), experts_TK[0].tolist(), weights_TK[0],
+                                      self.gate_up_proj, self.down_proj)
         order_R, token_R, counts_E = permute(experts_TK, self.num_experts)
         if backend == "loop":
             weight_R = weights_TK.reshape(-1).index_select(0, order_R)
             x_TD = x_TD.to(self.gate_up_proj.dtype)
             return _LoopExperts.apply(x_TD, token_R, weight_R, counts_E.tolist(), self.gate_up_proj, self.down_proj)
         if backend == "grouped_mm":
-            out_RD = _grouped_mm_experts(x_TD.index_select(0, token_R), counts_E, self.gate_up_proj, self.down_proj)
+            x_RD = x_TD.index_select(0, token_R)
+            if inference:
+                out_RD = _grouped_mm_experts_weight_left(x_RD, counts_E, self.gate_up_proj, self.down_proj)
+            else:
+                out_RD = _grouped_mm_experts(x_RD, counts_E, self.gate_up_proj, self.down_proj)
             return combine(out_RD, order_R, weights_TK)
         raise ValueError(f"backend={backend!r} is invalid: choose auto, grouped_mm, loop or reference")
 
@@ -144,7 +187,7 @@ class _LoopExperts(torch.autograd.Function):
                     out = torch.mm(_swiglu(h), down_EDF[e].t(), out=out_RD[rows])
                     y_TD.index_add_(0, tokens, out * w_R[rows, None])
                 else:
-                    out = torch.mm(_swiglu(torch.mm(x_nD, gate_up_E2FD[e].t())), down_EDF[e].t())
+                    out = linear(_swiglu(linear(x_nD, gate_up_E2FD[e])), down_EDF[e])
                     y_TD.index_add_(0, tokens, out.mul_(w_R[rows, None]))
                 start += n
         ctx.counts = counts
@@ -198,6 +241,28 @@ def _grouped_mm_experts(x_RD: Tensor, counts_E: Tensor, gate_up_E2FD: Tensor, do
     offs_E = counts_E.cumsum(0).to(torch.int32)
     h_R2F = F.grouped_mm(x_RD, gate_up_E2FD.transpose(-2, -1), offs=offs_E)
     return F.grouped_mm(_swiglu(h_R2F), down_EDF.transpose(-2, -1), offs=offs_E)
+
+
+def _grouped_mm_experts_weight_left(x_RD: Tensor, counts_E: Tensor, gate_up_E2FD: Tensor,
+                                    down_EDF: Tensor) -> Tensor:
+    """The grouped_mm kernel arranged as weight @ x.T (see `linear`), for CPU inference: with a
+    few rows per expert it streams the weights faster (1.4x at 16 tokens, 1.15x at 128, measured
+    with 64 experts, D=512, F=256 on 2 threads). Returns out_RD (a transposed view)."""
+    offs_E = counts_E.cumsum(0).to(torch.int32)
+    h_2FR = F.grouped_mm(gate_up_E2FD, x_RD.t(), offs=offs_E)
+    f = h_2FR.shape[0] // 2
+    # rows-major again, so the second product reads it as x.T like the first (MKL's fast layout)
+    act_RF = (F.silu(h_2FR[:f]) * h_2FR[f:]).t().contiguous()
+    return F.grouped_mm(down_EDF, act_RF.t(), offs=offs_E).t()
+
+
+def _one_token_experts(x_1D: Tensor, experts: list[int], weights_K: Tensor, gate_up_E2FD: Tensor,
+                       down_EDF: Tensor) -> Tensor:
+    """One token (decoding a single sequence): its K experts straight from the row, without the
+    sort, gather and scatter that batches need; then one weighted sum. Same numbers as the loop."""
+    act_KF = _swiglu(torch.cat([linear(x_1D, gate_up_E2FD[e]) for e in experts]))
+    out_KD = torch.cat([linear(act_KF[k:k + 1], down_EDF[e]) for k, e in enumerate(experts)])
+    return weights_K.to(x_1D.dtype).unsqueeze(0) @ out_KD
 
 
 def reference_experts(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, gate_up_E2FD: Tensor,

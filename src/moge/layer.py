@@ -13,8 +13,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moge.config import MoEConfig
-from moge.experts import SwiGLUExperts
+from moge.experts import SwiGLUExperts, linear
 from moge.routing import Router, RoutingResult
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same module hooks) whose few-row products, as in decoding, run
+    through `moge.experts.linear`: on CPU the weight streams on every thread."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class SwiGLU(nn.Module):
@@ -22,9 +30,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

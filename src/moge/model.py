@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moge.config import ModelConfig
-from moge.layer import MoGEBlock, SwiGLU
+from moge.experts import linear
+from moge.layer import Linear, MoGEBlock, SwiGLU
 from moge.routing import RoutingResult
 
 
@@ -94,10 +95,10 @@ class Attention(nn.Module):
         self.cfg = cfg
         hd, h, kv = cfg.head_size, cfg.num_heads, cfg.num_kv_heads
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, h * hd, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv * hd, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv * hd, bias=bias)
-        self.o_proj = nn.Linear(h * hd, cfg.hidden_size, bias=bias)
+        self.q_proj = Linear(cfg.hidden_size, h * hd, bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, kv * hd, bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, kv * hd, bias=bias)
+        self.o_proj = Linear(h * hd, cfg.hidden_size, bias=bias)
 
     def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, layer: int,
                 cache: KVCache | None) -> Tensor:
@@ -154,7 +155,7 @@ class PanguProMoEForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = PanguProMoEModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -194,7 +195,7 @@ class PanguProMoEForCausalLM(nn.Module):
         h = self.model.norm(h)
         if logits_slice is not None:
             h = h[:, logits_slice]
-        logits = F.linear(h.float(), self.lm_head.weight.float()) if h.dtype != torch.float32 else self.lm_head(h)
+        logits = linear(h.float(), self.lm_head.weight.float()) if h.dtype != torch.float32 else self.lm_head(h)
         return ModelOutput(logits, routings if return_routing else None, h)
 
     @staticmethod
