@@ -31,6 +31,7 @@ from moge.balance import (GlobalBatchAuxLoss, aux_loss, device_loads, local_grou
 from moge.config import ModelConfig, load_model_config
 from moge.io import atomic_write_text
 from moge.model import PanguProMoEForCausalLM
+from moge.routing import Router
 
 AUX_SCOPES = ("micro", "global", "local")
 
@@ -140,15 +141,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def build_model(model_cfg: ModelConfig, cfg: TrainConfig) -> PanguProMoEForCausalLM:
+    model = PanguProMoEForCausalLM(model_cfg)
     if cfg.bias_update_rate > 0 and model_cfg.is_moe:
-        # aux-loss-free balancing needs the selection-bias buffers; MoEConfig validates the rest
-        model = PanguProMoEForCausalLM(model_cfg)
+        # aux-loss-free balancing needs routers with the selection-bias buffers
         for layer in model.model.layers:
-            from moge.routing import Router
-
             layer.mlp.router = Router(dataclasses.replace(layer.mlp.cfg, aux_free_bias=True))
-    else:
-        model = PanguProMoEForCausalLM(model_cfg)
     return model.init_weights(cfg.init_std, seed=cfg.seed)
 
 
