@@ -143,6 +143,10 @@ def test_cli_train_resume_analyze_end_to_end(corpus, tmp_path, capsys):
                  "--windows", "4", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert all(layer["coactivation_same_group_pairs"] == 0 for layer in summary["layers"])
+    # the checkpoint carries the corpus tokenizer, so it generates from text (a tokenizer without BOS)
+    assert main(["generate", "--model", str(ckpt), "--prompt", "thou art", "--max-new-tokens", "3", "--json"]) == 0
+    gen = json.loads(capsys.readouterr().out)
+    assert len(gen["completions"][0]["tokens"]) <= 3 and gen["decode_tokens_per_s"] > 0
     assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "moge data prepare" in capsys.readouterr().err
 

@@ -84,7 +84,7 @@ def run_generate(args: argparse.Namespace) -> int:
             if args.chat:
                 text, stop_id = chat_prompt([("system", args.system), ("user", text)], tok)
                 stop = [stop_id]
-            prompts.append(tok.encode(text, add_bos=True))
+            prompts.append(tok.encode(text, add_bos=tok.bos_id is not None))
     for ids in args.token_ids or []:
         try:
             prompts.append([int(t) for t in ids.split(",") if t.strip()])
