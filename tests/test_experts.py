@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moge.experts import SwiGLUExperts, combine, permute, reference_experts
+from moge.experts import SwiGLUExperts, combine, linear, permute, reference_experts
 
 BACKENDS = ["loop", "grouped_mm"]
 
@@ -101,3 +101,35 @@ def test_bad_backend_name_is_rejected():
     experts = SwiGLUExperts(2, 8, 4)
     with pytest.raises(ValueError, match="backend='fast'"):
         experts(torch.randn(2, 8), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), backend="fast")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_inference_arrangements_equal_reference(tokens, threads):
+    """Without gradients the CPU kernels rearrange the products (one-token path, weight @ x.T
+    grouped_mm, few-row `linear`); the numbers stay the reference's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(tokens)
+        experts = SwiGLUExperts(8, 32, 16)
+        x = torch.randn(tokens, 32)
+        ids = torch.rand(tokens, 8).argsort(-1)[:, :4]
+        w = torch.rand(tokens, 4)
+        with torch.no_grad():
+            ref = experts(x, ids, w, backend="reference")
+            for backend in (None, "loop", "grouped_mm"):
+                torch.testing.assert_close(experts(x, ids, w, backend=backend), ref, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 200])
+def test_few_row_linear_equals_f_linear(rows):
+    torch.manual_seed(rows)
+    weight, bias = torch.randn(1024, 256), torch.randn(1024)  # large enough to double a single row
+    x = torch.randn(1, rows, 256)
+    for b in (None, bias):
+        got = linear(x, weight, b)
+        assert got.shape == (1, rows, 1024)
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b), atol=1e-4, rtol=1e-5)
