@@ -54,11 +54,12 @@ def grouped_mm_supported(x: Tensor, hidden: int, ffn: int) -> bool:
 
 
 # Up to this many rows, `linear` computes weight @ x.T on CPU (measured with D=512 weights on 2
-# threads: 1.2-3x faster than x @ weight.T from 1 to 32 rows, even at 128, behind from 256).
+# threads: 1.2-3x faster than x @ weight.T from 2 to 32 rows, even at 128, behind from 256).
 FEW_ROWS = 128
-# One row is worth doubling from this weight size on (1 MB fp32; measured on 2 threads: a 512x512
-# weight streams about 1.2x faster, the shared expert's 1024x512 1.4x, an 8192x512 lm_head 1.9x).
-DOUBLE_ROW_MIN_WEIGHT = 256 * 1024
+# One row is worth doubling from this weight size on (0.5 MB fp32). Measured on 2 threads with the
+# moge-small preset: a batch-1 decode step 1.25x faster than without doubling; 0.25 MB (the k/v
+# projections) and 1 MB thresholds were both slower than this one.
+DOUBLE_ROW_MIN_WEIGHT = 128 * 1024
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -113,7 +114,9 @@ class SwiGLUExperts(nn.Module):
         while experts get few rows each (it is one C++ loop of matmuls, less Python overhead), the
         loop kernel from GROUPED_MM_MAX_ROWS_PER_EXPERT rows per expert on (its gather-in-cache
         and hand-written backward win there; measurements in docs/benchmarks.md). A requested
-        kernel that this torch or these shapes cannot run falls back to the loop (same numbers)."""
+        kernel that this torch or these shapes cannot run falls back to the loop (same numbers).
+        When no gradient is needed on CPU (generation), `forward` also takes shortcuts with the
+        same sums: one token skips the permutation, and grouped_mm runs as weight @ x.T."""
         can_gmm = grouped_mm_supported(x, self.hidden_size, self.intermediate_size)
         if self.backend != "auto":
             return "loop" if self.backend == "grouped_mm" and not can_gmm else self.backend
@@ -259,7 +262,8 @@ def _grouped_mm_experts_weight_left(x_RD: Tensor, counts_E: Tensor, gate_up_E2FD
 def _one_token_experts(x_1D: Tensor, experts: list[int], weights_K: Tensor, gate_up_E2FD: Tensor,
                        down_EDF: Tensor) -> Tensor:
     """One token (decoding a single sequence): its K experts straight from the row, without the
-    sort, gather and scatter that batches need; then one weighted sum. Same numbers as the loop."""
+    sort, gather and scatter that batches need; then one weighted sum. The same sums as the other
+    kernels, up to rounding."""
     act_KF = _swiglu(torch.cat([linear(x_1D, gate_up_E2FD[e]) for e in experts]))
     out_KD = torch.cat([linear(act_KF[k:k + 1], down_EDF[e]) for k, e in enumerate(experts)])
     return weights_K.to(x_1D.dtype).unsqueeze(0) @ out_KD
