@@ -40,7 +40,7 @@ def combine(out_RD: Tensor, order_R: Tensor, weights_TK: Tensor) -> Tensor:
     T, K = weights_TK.shape
     inverse_R = torch.empty_like(order_R)
     inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
-    out_TKD = out_RD.index_select(0, inverse_R).view(T, K, -1)
+    out_TKD = out_RD.index_select(0, inverse_R).view(T, K, out_RD.shape[-1])
     y_TD = torch.bmm(weights_TK.to(out_RD.dtype).unsqueeze(1), out_TKD).squeeze(1)
     return y_TD
 

@@ -1,0 +1,118 @@
+"""Starting torch.distributed under torchrun, and turning a dead or hung peer into a clear error.
+
+`torchrun --nproc-per-node N -m moge ...` sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT; `init_distributed` reads them (backend nccl with CUDA, gloo otherwise). Every collective
+waits at most `timeout_s`: when a rank dies, its peers see the connection close (gloo) or the
+timeout expire, and raise `DistributedError` naming the rank and the limit, instead of hanging.
+torchrun then stops the remaining workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 300.0
+_PEER_FAILURE = re.compile(r"timed out|timeout|connection closed|connection reset|broken pipe|"
+                           r"connection refused|peer|socket|closed by|nccl", re.IGNORECASE)
+
+
+class DistributedError(RuntimeError):
+    """A collective failed because another rank died, hung or could not be reached."""
+
+
+# torch gives new process groups its 30-minute default, not the world group's timeout: the timeout
+# the world was started with is kept here so the expert-parallel groups get the same one.
+_timeout_s: float | None = None
+
+
+def group_timeout() -> datetime.timedelta | None:
+    """The timeout for new process groups: the one the world was started with (None: torch's)."""
+    return datetime.timedelta(seconds=_timeout_s) if _timeout_s else None
+
+
+def _remember_timeout(timeout_s: float) -> None:
+    global _timeout_s
+    _timeout_s = timeout_s
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> tuple[int, int]:
+    """Initialise the default process group from torchrun's environment (no-op when already done).
+    Returns (rank, world size)."""
+    if not timeout_s or timeout_s <= 0:
+        raise ValueError(f"dist_timeout={timeout_s!r} is invalid: must be a positive number of seconds")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"torch.distributed environment variables {missing} are not set: launch with "
+                           f"`torchrun --nproc-per-node N -m moge ...`")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    with peer_failures_as_errors(timeout_s):
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    _remember_timeout(timeout_s)
+    return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def peer_failures_as_errors(timeout_s: float) -> Iterator[None]:
+    """Re-raise communication failures (a peer's socket closed, a collective timed out) as
+    DistributedError with this rank and the time limit in the message."""
+    try:
+        yield
+    except DistributedError:
+        raise
+    except RuntimeError as e:  # gloo and nccl errors are RuntimeError subclasses
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not _PEER_FAILURE.search(str(e)) and not isinstance(e, getattr(dist, "DistBackendError", ())):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
+        raise DistributedError(
+            f"rank {rank}: a collective failed: another rank died or did not answer within the "
+            f"{timeout_s:g} s limit (--dist-timeout). Cause: {first}") from e
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _spawned(rank: int, fn, world: int, init_file: str, out_dir: str, timeout_s: float, threads: int,
+             args: tuple) -> None:
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    _remember_timeout(timeout_s)
+    try:
+        with peer_failures_as_errors(timeout_s):
+            result = fn(rank, world, *args)
+        torch.save(result, os.path.join(out_dir, f"rank-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args, timeout_s: float = 120.0, threads: int = 1) -> list:
+    """Run `fn(rank, world, *args)` in `world` fresh CPU processes joined by a gloo process group
+    (no torchrun needed); return each rank's result (anything torch.save can write). `fn` must be
+    importable (a module-level function). A failing rank raises here with its traceback."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="moge-spawn-") as tmp:
+        mp.spawn(_spawned, args=(fn, world, os.path.join(tmp, "init"), tmp, timeout_s, threads, args),
+                 nprocs=world, join=True)
+        return [torch.load(os.path.join(tmp, f"rank-{r}.pt"), weights_only=True) for r in range(world)]

@@ -1,0 +1,162 @@
+"""Expert parallelism on real gloo process groups (2 and 4 processes) against the single-process model:
+forward logits, gradients after reduction, uneven and empty splits, the MoGE path without a count
+exchange, and placement / bad-input errors."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moge.config import MoEConfig, PRESETS
+from moge.experts import SwiGLUExperts
+from moge.model import PanguProMoEForCausalLM
+from moge.parallel.dispatch import ExpertParallelDispatcher
+from moge.parallel.expert import ExpertParallelMoGEBlock, full_state_dict, is_expert_param, shard_model
+from moge.parallel.launch import spawn
+from moge.parallel.mesh import ExpertParallelMesh, check_expert_parallel, group_owner
+from moge.parallel.training import clip_grad_norm, reduce_gradients
+
+CFG = PRESETS["moge-tiny"].replace(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                   num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,
+                                   shared_expert_intermediate_size=24, max_position_embeddings=64)
+
+
+def make_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = PanguProMoEForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("router_scale") or "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def _model_worker(rank, world, ep, router, batch, seq):
+    cfg = CFG.replace(router=router)
+    model = make_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (world * batch, seq + 1), generator=torch.Generator().manual_seed(7))
+    # single-process reference on everybody's tokens: the objective is the mean over all tokens
+    ref = copy.deepcopy(model)
+    ref_logits = ref(ids[:, :-1]).logits
+    F.cross_entropy(ref_logits.reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1)).backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e30)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+
+    mesh = ExpertParallelMesh.build(ep)
+    shard_model(model, mesh)
+    mine = ids[rank * batch:(rank + 1) * batch]
+    logits = model(mine[:, :-1]).logits
+    F.cross_entropy(logits.reshape(-1, cfg.vocab_size), mine[:, 1:].reshape(-1)).backward()
+    reduce_gradients(model, mesh)
+    norm = clip_grad_norm(model.named_parameters(), 1e30, mesh)
+    lo = mesh.expert_range(cfg.num_experts)
+    grad_err = 0.0
+    for n, p in model.named_parameters():
+        want = ref_grads[n][lo.start:lo.stop] if is_expert_param(n) else ref_grads[n]
+        grad_err = max(grad_err, float((p.grad - want).abs().max() / want.abs().max().clamp_min(1e-12)))
+    full = full_state_dict(model, mesh)
+    state_equal = all(torch.equal(full[k], v) for k, v in ref.state_dict().items())
+    counted = [layer.mlp.last_dispatch.counts_exchanged for layer in model.model.layers]
+    return {"logit_err": float((logits - ref_logits[rank * batch:(rank + 1) * batch]).detach().abs().max()),
+            "grad_err": grad_err, "norm_err": abs(float(norm) - float(ref_norm)) / float(ref_norm),
+            "state_equal": state_equal, "counted": counted,
+            "received": [layer.mlp.last_dispatch.x_RD.shape[0] for layer in model.model.layers]}
+
+
+@pytest.mark.parametrize("world,ep,router", [(2, 2, "grouped"), (2, 2, "topk"), (4, 4, "grouped"),
+                                             (4, 2, "topk")])
+def test_expert_parallel_model_equals_single_process(world, ep, router):
+    batch, seq = 2, 6
+    results = spawn(_model_worker, world, ep, router, batch, seq)
+    for r in results:
+        assert r["logit_err"] < 1e-5
+        assert r["grad_err"] < 1e-5
+        assert r["norm_err"] < 1e-6
+        assert r["state_equal"]
+        # MoGE never exchanges counts; every rank receives exactly K' x groups-per-rank rows per token
+        # from each of the ep ranks: tokens x K rows, whatever the routing
+        assert r["counted"] == [router != "grouped"] * CFG.num_layers
+        if router == "grouped":
+            assert r["received"] == [batch * seq * CFG.top_k] * CFG.num_layers
+
+
+def _dispatch_worker(rank, world):
+    """Top-K routing where every slot goes to rank 0's experts: rank 1 receives nothing, and a rank
+    with no tokens at all still takes part."""
+    torch.manual_seed(0)
+    experts = SwiGLUExperts(4, 16, 8, backend="loop")
+    T = 5 if rank == 0 else 0
+    x = torch.randn(T, 16, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    experts_TK = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0], [0, 1]])[:T]
+    weights_TK = torch.rand(T, 2, generator=torch.Generator().manual_seed(3))
+    ref = experts(x, experts_TK, weights_TK)
+    disp = ExpertParallelDispatcher(4, None, slots_per_rank=None)
+    local = SwiGLUExperts(2, 16, 8, backend="loop")
+    with torch.no_grad():
+        local.gate_up_proj.copy_(experts.gate_up_proj[2 * rank:2 * rank + 2])
+        local.down_proj.copy_(experts.down_proj[2 * rank:2 * rank + 2])
+    d = disp.dispatch(x, experts_TK)
+    out = local(d.x_RD, d.local_expert_R.unsqueeze(1), torch.ones(d.x_RD.shape[0], 1))
+    y = disp.combine(out, d, weights_TK)
+    y.sum().backward() if T else (out.sum() * 0 + y.sum()).backward()
+    gx = x.grad.clone() if T else torch.zeros(0)
+    x.grad = None
+    if T:
+        ref.sum().backward()
+    return {"err": float((y - ref).abs().max()) if T else 0.0, "recv": d.recv_splits, "send": d.send_splits,
+            "grad_err": float((gx - x.grad).abs().max()) if T else 0.0}
+
+
+def test_uneven_and_empty_splits():
+    r0, r1 = spawn(_dispatch_worker, 2)
+    assert r0["send"] == [10, 0] and r1["send"] == [0, 0]
+    assert r0["recv"] == [10, 0] and r1["recv"] == [0, 0]
+    assert r0["err"] < 1e-6 and r0["grad_err"] < 1e-6
+
+
+def test_placement_is_contiguous_groups():
+    # the paper's 8 groups on 4 expert-parallel ranks: groups 0,1 on rank 0, 2,3 on rank 1, ...
+    assert [group_owner(g, 8, 4) for g in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [group_owner(g, 8, 8) for g in range(8)] == list(range(8))
+
+
+def test_invalid_expert_parallel_sizes_are_rejected():
+    cfg = MoEConfig(hidden_size=8, num_experts=16, top_k=4, num_groups=4, expert_intermediate_size=8)
+    check_expert_parallel(cfg, 2)
+    with pytest.raises(ValueError, match=r"expert_parallel=3 must divide num_experts=16"):
+        check_expert_parallel(cfg, 3)
+    with pytest.raises(ValueError, match=r"expert_parallel=8 must divide num_groups=4"):
+        check_expert_parallel(cfg, 8)
+    with pytest.raises(ValueError, match="positive integer"):
+        check_expert_parallel(cfg, 0)
+    topk = MoEConfig(hidden_size=8, num_experts=16, top_k=4, num_groups=4, expert_intermediate_size=8, router="topk")
+    check_expert_parallel(topk, 8)  # top-K has no groups to keep whole
+
+
+def test_mesh_needs_an_initialised_process_group():
+    with pytest.raises(RuntimeError, match="torchrun"):
+        ExpertParallelMesh.build(2)
+
+
+def _bad_world_worker(rank, world):
+    try:
+        ExpertParallelMesh.build(3)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def test_expert_parallel_must_divide_world():
+    messages = spawn(_bad_world_worker, 2)
+    assert all("must divide the world size 2" in m for m in messages)
+
+
+def test_block_rejects_groups_split_across_ranks():
+    block_cfg = CFG.replace(num_experts=8, num_groups=2, top_k=2).moe()
+    from moge.layer import MoGEBlock
+    mesh = ExpertParallelMesh(world=4, rank=0, ep=4, ep_group=None, replica_group=None)
+    with pytest.raises(ValueError, match="num_groups=2"):
+        ExpertParallelMoGEBlock(MoGEBlock(block_cfg), mesh)
