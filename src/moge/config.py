@@ -51,6 +51,9 @@ class MoEConfig:
     aux_free_bias: bool = False
     backend: str = "auto"
     check_finite: bool = False
+    # Voted experts (the release's Ascend 300I Duo inference code): per batch, each group keeps its
+    # num_voted_experts most-selected experts and re-routes every token among them. None = off.
+    num_voted_experts: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_experts", "top_k", "expert_intermediate_size", "num_groups"):
@@ -71,6 +74,8 @@ class MoEConfig:
                            f"top_k/num_groups experts (valid: {[m * i for i in range(1, n // m + 1)]})")
             if k // m > n // m:
                 raise _bad("top_k", k, f"top_k/num_groups={k // m} exceeds the {n // m} experts per group")
+        if self.num_voted_experts is not None:
+            self._check_voted()
         if self.router == "group_limited":
             _positive("topk_groups", self.topk_groups)
             if self.topk_groups > m:
@@ -91,6 +96,15 @@ class MoEConfig:
         object.__setattr__(self, "shared_expert_sizes", sizes)
         for i, s in enumerate(sizes):
             _positive(f"shared_expert_sizes[{i}]", s)
+
+    def _check_voted(self) -> None:
+        v, per, kp = self.num_voted_experts, self.num_experts // self.num_groups, self.top_k // self.num_groups
+        if self.router != "grouped":
+            raise _bad("num_voted_experts", v, f"voted experts need router='grouped', not {self.router!r} "
+                       f"(None turns voting off)")
+        if not isinstance(v, int) or isinstance(v, bool) or not kp <= v <= per:
+            raise _bad("num_voted_experts", v, f"must be an integer in {kp}..{per} (top_k/num_groups.."
+                       f"experts_per_group), or None for no voting")
 
     @property
     def experts_per_group(self) -> int:
@@ -138,11 +152,14 @@ _HF_KEYS = {
     "moe_router": "router",
     "moe_renormalize": "renormalize",
     "moe_topk_groups": "topk_groups",
+    "num_voted_experts": "num_voted_experts",  # written only when set (0 or null = off)
+    # multi-token prediction modules (DeepSeek-V3's key name; written only when > 0)
+    "num_nextn_predict_layers": "num_mtp_modules",
 }
 _HF_IGNORED = {"model_type", "architectures", "hidden_act", "torch_dtype", "dtype", "transformers_version",
                "auto_map", "use_cache", "initializer_range", "attention_dropout", "sliding_window",
                "use_sliding_window", "max_window_layers", "rope_scaling", "output_router_logits",
-               "router_aux_loss_coef", "num_voted_experts", "norm_topk_prob", "decoder_sparse_step",
+               "router_aux_loss_coef", "norm_topk_prob", "decoder_sparse_step",
                "mlp_only_layers", "qkv_bias", "router_enable_expert_bias"}
 
 
@@ -165,6 +182,7 @@ class ModelConfig:
     router: str = "grouped"
     renormalize: bool = False
     topk_groups: int = 4
+    num_voted_experts: int | None = None  # voted experts per group (MoEConfig); None = off
     attention_bias: bool = True
     rms_norm_eps: float = 1e-5
     rope_theta: float = 16_000_000.0
@@ -173,6 +191,9 @@ class ModelConfig:
     bos_token_id: int = 1
     eos_token_id: int = 45892
     pad_token_id: int = 0
+    # Multi-token prediction (DeepSeek-V3, arXiv 2412.19437): extra blocks predicting token t+2
+    # from the trunk's hidden state at t and the embedding of token t+1 (moge.model.MTPModule).
+    num_mtp_modules: int = 0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -194,6 +215,10 @@ class ModelConfig:
             _positive("intermediate_size", self.intermediate_size)
         else:
             self.moe()  # validates the expert fields
+        if (not isinstance(self.num_mtp_modules, int) or isinstance(self.num_mtp_modules, bool)
+                or self.num_mtp_modules not in (0, 1)):
+            raise _bad("num_mtp_modules", self.num_mtp_modules,
+                       "must be 0 (no multi-token prediction) or 1 (one MTP module); more are not supported")
         if self.shared_expert_intermediate_size < 0:
             raise _bad("shared_expert_intermediate_size", self.shared_expert_intermediate_size, "must be >= 0")
         if not self.rms_norm_eps > 0:
@@ -220,7 +245,7 @@ class ModelConfig:
         kw = dict(hidden_size=self.hidden_size, num_experts=self.num_experts, top_k=self.top_k,
                   expert_intermediate_size=self.expert_intermediate_size, num_groups=self.num_groups,
                   router=self.router, renormalize=self.renormalize, topk_groups=self.topk_groups,
-                  shared_expert_sizes=shared)
+                  shared_expert_sizes=shared, num_voted_experts=self.num_voted_experts)
         kw.update(overrides)
         return MoEConfig(**kw)
 
@@ -248,10 +273,15 @@ class ModelConfig:
         embed = self.vocab_size * d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         rest = embed + head + d
-        return {"total": self.num_layers * layer_total + rest,
-                "activated": self.num_layers * layer_active + rest,
+        # an MTP module: one more decoder layer, its three norms and the 2D -> D projection (it
+        # shares the embedding and lm_head)
+        mtp_extra = 3 * d + 2 * d * d
+        mtp_total = self.num_mtp_modules * (layer_total + mtp_extra)
+        mtp_active = self.num_mtp_modules * (layer_active + mtp_extra)
+        return {"total": self.num_layers * layer_total + rest + mtp_total,
+                "activated": self.num_layers * layer_active + rest + mtp_active,
                 "per_layer_total": layer_total, "per_layer_activated": layer_active,
-                "attention_per_layer": attn, "embedding": embed, "lm_head": head}
+                "attention_per_layer": attn, "embedding": embed, "lm_head": head, "mtp": mtp_total}
 
     # ---- Hugging Face config.json ---------------------------------------------------------------
     @classmethod
@@ -277,6 +307,8 @@ class ModelConfig:
             kw["num_groups"] = 8 if kw.get("num_experts", 64) % 8 == 0 else 1
         if kw.get("num_experts", 1) and "shared_expert_intermediate_size" not in kw:
             kw["shared_expert_intermediate_size"] = 0
+        if kw.get("num_voted_experts") == 0 or kw.get("num_experts") == 0:  # 0 / null: no voting
+            kw["num_voted_experts"] = None
         if kw.get("num_experts") == 0:
             kw.setdefault("top_k", 1)
             kw["num_groups"] = 1
@@ -289,7 +321,9 @@ class ModelConfig:
         out: dict[str, Any] = {"architectures": ["PanguProMoEForCausalLM"], "model_type": "PanguProMoE",
                                "hidden_act": "silu", "torch_dtype": "bfloat16"}
         for f in dataclasses.fields(self):
-            if f.name == "extra" or (f.name == "head_dim" and self.head_dim is None):
+            if f.name == "extra" or (f.name == "head_dim" and self.head_dim is None) or \
+                    (f.name == "num_mtp_modules" and not self.num_mtp_modules) or \
+                    (f.name == "num_voted_experts" and self.num_voted_experts is None):
                 continue
             out[inv[f.name]] = getattr(self, f.name)
         out.update(self.extra)

@@ -7,6 +7,8 @@ Attention is GQA with biases on q, k, v and o, RoPE over the full head dim (rota
 `scaled_dot_product_attention`. The MLP is a MoGEBlock (or a dense SwiGLU when the config has no
 experts). Parameter names follow the release (`model.layers.{i}.self_attn.q_proj.weight`, ...);
 only the routed experts are stacked, and checkpoint.py maps them to the per-expert keys.
+An optional multi-token-prediction module (`MTPModule`, `model.mtp.0.*`, `mtp_forward`) predicts
+token t+2 for MTP training and speculative decoding (moge.speculative).
 """
 
 from __future__ import annotations
@@ -88,6 +90,14 @@ class KVCache:
         self.valid_BT[:, self.length:self.length + tokens] = valid_new_BS
         self.length += tokens
 
+    def truncate(self, length: int) -> None:
+        """Forget every slot from `length` on (speculative decoding drops rejected drafts this way).
+        The keys/values left behind are never read: the next `update` overwrites them first."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"length={length} is invalid: must be in [0, {self.length}] (the cached length)")
+        self.valid_BT[:, length:self.length] = False
+        self.length = length
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -133,12 +143,42 @@ class DecoderLayer(nn.Module):
         return h + out, routing
 
 
+class MTPModule(DecoderLayer):
+    """One multi-token-prediction module (DeepSeek-V3, arXiv 2412.19437, Sec. 2.2, Eqs. 21-22).
+
+    For position t it combines the trunk's hidden state h_t with the embedding of token t+1,
+        h'_t = eh_proj([hnorm(h_t); enorm(Emb(x_{t+1}))])        (a D x 2D projection)
+    runs one decoder layer over the sequence of h' (its own causal attention, its own KV cache
+    slot), and the caller applies `norm` and the shared lm_head to predict token t+2.
+
+    h_t is the trunk's residual stream after the last decoder layer and *before* the final norm:
+    the paper's h^0 is "the representation given by the main model" and the module normalises it
+    itself (hnorm), so feeding the post-norm state would only put the final norm's per-channel gain
+    in front of hnorm. The pre-norm output of this module is what a chained prediction (t+3, ...)
+    takes as its h. The concatenation order (hidden first) follows the paper's Eq. 21.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h: Tensor, emb: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, layer: int,
+                cache: KVCache | None) -> tuple[Tensor, RoutingResult | None]:
+        x = self.eh_proj(torch.cat([self.hnorm(h), self.enorm(emb)], dim=-1))
+        return super().forward(x, cos, sin, mask, layer, cache)
+
+
 class PanguProMoEModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # empty without MTP: no parameters, the state dict is unchanged
+        self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.num_mtp_modules))
 
 
 @dataclass
@@ -146,6 +186,7 @@ class ModelOutput:
     logits: Tensor  # [B, S, V] fp32
     routing: list[RoutingResult] | None = None
     hidden: Tensor | None = None  # final normed hidden states [B, S, D]
+    pre_norm_hidden: Tensor | None = None  # before the final norm, all S positions [B, S, D] (MTP input)
 
 
 class PanguProMoEForCausalLM(nn.Module):
@@ -192,11 +233,55 @@ class PanguProMoEForCausalLM(nn.Module):
             routings.append(routing)
         if cache is not None:
             cache.advance(S, valid_BT[:, past:])
+        pre_norm = h
         h = self.model.norm(h)
         if logits_slice is not None:
             h = h[:, logits_slice]
         logits = linear(h.float(), self.lm_head.weight.float()) if h.dtype != torch.float32 else self.lm_head(h)
-        return ModelOutput(logits, routings if return_routing else None, h)
+        return ModelOutput(logits, routings if return_routing else None, h, pre_norm)
+
+    def mtp_forward(self, hidden_BSD: Tensor, next_ids: Tensor, *, module: int = 0, positions: Tensor | None = None,
+                    cache: KVCache | None = None, attention_mask: Tensor | None = None,
+                    return_routing: bool = False, logits_slice: slice | None = None) -> ModelOutput:
+        """Multi-token prediction: logits for token t+2 at every position t.
+
+        `hidden_BSD` is the trunk's pre-norm hidden state at positions t (`ModelOutput.pre_norm_hidden`,
+        or this method's own output when chaining) and `next_ids` [B, S] the tokens at t+1. `cache` is
+        the MTP modules' own KVCache (one layer per module, slot j = trunk position j);
+        `positions` and `attention_mask` work as in `forward`. Returns the module's logits, its
+        normed output (`hidden`) and its pre-norm output (`pre_norm_hidden`)."""
+        cfg = self.config
+        if not cfg.num_mtp_modules:
+            raise ValueError("this model has no MTP module (num_mtp_modules=0); build it with num_mtp_modules=1")
+        if not 0 <= module < cfg.num_mtp_modules:
+            raise ValueError(f"module={module} is invalid: the model has {cfg.num_mtp_modules} MTP module(s)")
+        if next_ids.dim() != 2 or hidden_BSD.shape != (*next_ids.shape, cfg.hidden_size):
+            raise ValueError(f"mtp_forward needs hidden [batch, seq, {cfg.hidden_size}] and next_ids [batch, seq], "
+                             f"got {tuple(hidden_BSD.shape)} and {tuple(next_ids.shape)}")
+        B, S = next_ids.shape
+        if next_ids.numel() and (int(next_ids.min()) < 0 or int(next_ids.max()) >= cfg.vocab_size):
+            raise ValueError(f"next_ids hold a token id outside 0..{cfg.vocab_size - 1} (vocab_size={cfg.vocab_size})")
+        past = cache.length if cache is not None else 0
+        if past + S > cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {past + S} exceeds max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        if cache is not None and past + S > cache.max_len:
+            raise ValueError(f"sequence length {past + S} exceeds the KV cache size {cache.max_len}")
+        valid_BT = self._valid_tokens(B, S, past, attention_mask, cache, next_ids.device)
+        if positions is None:
+            positions = (valid_BT.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+        mask = self._attention_mask(S, past, valid_BT)
+        cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta)
+        mtp = self.model.mtp[module]
+        h, routing = mtp(hidden_BSD, self.model.embed_tokens(next_ids), cos, sin, mask, module, cache)
+        if cache is not None:
+            cache.advance(S, valid_BT[:, past:])
+        pre_norm = h
+        h = mtp.norm(h)
+        if logits_slice is not None:
+            h = h[:, logits_slice]
+        logits = linear(h.float(), self.lm_head.weight.float()) if h.dtype != torch.float32 else self.lm_head(h)
+        return ModelOutput(logits, [routing] if return_routing else None, h, pre_norm)
 
     @staticmethod
     def _valid_tokens(B: int, S: int, past: int, attention_mask: Tensor | None, cache, device) -> Tensor:
@@ -239,7 +324,8 @@ class PanguProMoEForCausalLM(nn.Module):
         down_proj) scaled by 1/sqrt(2 * layers) so the residual variance does not grow with depth."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         out_std = std / (2 * self.config.num_layers) ** 0.5
-        for name, p in self.named_parameters():
+        # MTP parameters last, so the trunk gets the same values with or without an MTP module
+        for name, p in sorted(self.named_parameters(), key=lambda item: ".mtp." in item[0]):
             if name.endswith("router_scale") or name.endswith("norm.weight") or "layernorm" in name:
                 p.fill_(1.0)
             elif name.endswith(".bias"):
@@ -255,7 +341,7 @@ class PanguProMoEForCausalLM(nn.Module):
         cfg = self.config
         if cfg.is_moe:
             per_expert = 3 * cfg.hidden_size * cfg.expert_intermediate_size
-            inactive = cfg.num_layers * (cfg.num_experts - cfg.top_k) * per_expert
+            inactive = (cfg.num_layers + cfg.num_mtp_modules) * (cfg.num_experts - cfg.top_k) * per_expert
         else:
             inactive = 0
         return {"total": total, "activated": total - inactive}

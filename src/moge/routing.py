@@ -70,6 +70,58 @@ def grouped_topk(probs_TN: Tensor, num_groups: int, k_per_group: int, *, experts
     return probs_TN.gather(1, experts_TK), experts_TK
 
 
+def vote_experts(probs_TN: Tensor, experts_TK: Tensor, num_groups: int, k_per_group: int, num_voted: int, *,
+                 experts_by_group_GE: Tensor | None = None,
+                 bias_N: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Voted experts (the release's inference code for the Ascend 300I Duo): fewer experts per batch.
+
+    Each of the T tokens has already chosen its K' experts per group (`experts_TK`, from
+    `grouped_topk`). Per group, the `num_voted` experts chosen most often over the whole batch are
+    kept (ties: the expert listed first in its group, i.e. the lower id for contiguous groups), and
+    every token picks its K' experts again inside its group, among the kept ones only, by the same
+    selection scores. Weights are the unchanged global-softmax probabilities of the new choices.
+    Needs k_per_group <= num_voted <= experts per group; with num_voted = experts per group the
+    result equals plain MoGE routing.
+
+    Returns (weights_TK, experts_TK, voted_GV): the new routing (group-major, like grouped_topk)
+    and the kept experts of each group, most-voted first.
+    """
+    T, N = probs_TN.shape
+    per = N // num_groups
+    if not k_per_group <= num_voted <= per:
+        raise ValueError(f"num_voted={num_voted} is invalid: must be in {k_per_group}..{per} "
+                         f"(k_per_group..experts per group)")
+    if experts_by_group_GE is None:
+        experts_by_group_GE = torch.arange(N, device=probs_TN.device).view(num_groups, per)
+    flat = experts_by_group_GE.reshape(-1).to(probs_TN.device)
+    counts_GE = torch.bincount(experts_TK.reshape(-1), minlength=N)[flat].view(num_groups, per)
+    # stable sort: equal counts keep group order, so ties go to the expert listed first
+    voted_local_GV = torch.sort(counts_GE, dim=-1, descending=True, stable=True).indices[:, :num_voted]
+    keep_GE = torch.zeros(num_groups, per, dtype=torch.bool, device=probs_TN.device)
+    keep_GE.scatter_(1, voted_local_GV, True)
+    sel_TGE = _select_scores(probs_TN, bias_N)[:, flat].view(T, num_groups, per)
+    sel_TGE = sel_TGE.masked_fill(~keep_GE, float("-inf"))
+    local_TGk = sel_TGE.topk(k_per_group, dim=-1, sorted=False).indices
+    base_G1 = torch.arange(num_groups, device=probs_TN.device).view(num_groups, 1) * per
+    new_TK = flat[(local_TGk + base_G1.unsqueeze(0)).reshape(T, -1)]
+    return probs_TN.gather(1, new_TK), new_TK, flat[voted_local_GV + base_G1]
+
+
+def set_num_voted_experts(model: nn.Module, num_voted: int | None) -> nn.Module:
+    """Turn voted experts on (or off with None) in every MoGE router of `model`, in place, e.g. for
+    inference with a model trained without voting. Validated like MoEConfig.num_voted_experts."""
+    from dataclasses import replace
+
+    model_cfg = getattr(model, "config", None)
+    if model_cfg is not None and hasattr(model_cfg, "num_voted_experts"):
+        model.config = replace(model_cfg, num_voted_experts=num_voted)
+    for module in model.modules():
+        cfg = getattr(module, "cfg", None)
+        if isinstance(cfg, MoEConfig):
+            module.cfg = replace(cfg, num_voted_experts=num_voted)
+    return model
+
+
 def topk_softmax_of_logits(logits_TN: Tensor, k: int, *, bias_N: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Conventional MoE, the paper's Eq. 2: softmax over the K largest logits only."""
     experts_TK = _select_scores(logits_TN, bias_N).topk(k, dim=-1).indices
@@ -116,6 +168,10 @@ def route(logits_TN: Tensor, cfg: MoEConfig, *, router_scale_1N: Tensor | None =
     if cfg.router == "grouped":
         weights_TK, experts_TK = grouped_topk(probs_TN, cfg.num_groups, cfg.top_k_per_group,
                                               experts_by_group_GE=experts_by_group_GE, bias_N=bias_N)
+        if cfg.num_voted_experts is not None and cfg.num_voted_experts < cfg.experts_per_group:
+            weights_TK, experts_TK, _ = vote_experts(probs_TN, experts_TK, cfg.num_groups, cfg.top_k_per_group,
+                                                     cfg.num_voted_experts, experts_by_group_GE=experts_by_group_GE,
+                                                     bias_N=bias_N)
     elif cfg.router == "topk":
         weights_TK, experts_TK = topk_softmax_of_logits(logits_TN, cfg.top_k, bias_N=bias_N)
     elif cfg.router == "softmax_topk":

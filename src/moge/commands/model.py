@@ -41,6 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
+    g.add_argument("--speculative", action="store_true",
+                   help="speculative decoding with the checkpoint's MTP module (same output / distribution; "
+                        "prints the draft acceptance rate)")
+    g.add_argument("--num-draft", type=int, default=1,
+                   help="draft tokens per step with --speculative (more than 1 chains the MTP module)")
     g.add_argument("--json", action="store_true", help="print machine-readable JSON")
     g.set_defaults(func=run_generate)
 
@@ -96,12 +101,24 @@ def run_generate(args: argparse.Namespace) -> int:
         def on_token(row: int, token: int) -> None:
             sys.stdout.write(tok.decode([token]))
             sys.stdout.flush()
-    res = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop,
-                   on_token=on_token)
+    if args.speculative:
+        from moge.speculative import speculative_generate
+
+        res = speculative_generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                   stop_ids=stop, on_token=on_token, num_draft=args.num_draft)
+    else:
+        res = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop,
+                       on_token=on_token)
     texts = [tok.decode(t) if tok is not None else None for t in res.tokens]
     out = {"completions": [{"tokens": t, "text": x} for t, x in zip(res.tokens, texts)],
            "prompt_tokens": res.prompt_tokens, "new_tokens": res.new_tokens,
            "prefill_tokens_per_s": res.prefill_tokens_per_s, "decode_tokens_per_s": res.decode_tokens_per_s}
+    if args.speculative:
+        rate, per_step = res.acceptance_rate, res.tokens_per_step  # nan (nothing drafted) -> null
+        out["speculative"] = {"num_draft": res.num_draft, "acceptance_rate": rate if rate == rate else None,
+                              "drafted": res.drafted, "accepted": res.accepted,
+                              "tokens_per_step": per_step if per_step == per_step else None,
+                              "verify_steps": res.decode_steps}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -112,4 +129,7 @@ def run_generate(args: argparse.Namespace) -> int:
             print(f"[{i}] {c['text'] if c['text'] is not None else c['tokens']}")
     print(f"prefill {res.prompt_tokens} tokens at {res.prefill_tokens_per_s:.1f} tok/s; "
           f"decode {res.new_tokens} tokens at {res.decode_tokens_per_s:.1f} tok/s", file=sys.stderr)
+    if args.speculative and res.drafted:
+        print(f"speculative: {res.accepted}/{res.drafted} drafts accepted ({100 * res.acceptance_rate:.1f}%), "
+              f"{res.tokens_per_step:.2f} tokens per verify step", file=sys.stderr)
     return 0

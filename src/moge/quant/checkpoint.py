@@ -1,0 +1,226 @@
+"""Quantized checkpoints: config.json with a `quantization_config` entry, one model.safetensors.
+
+Layout (our own; the release has no int8 format): the model's state dict under its own names,
+experts stacked as in memory.
+- a quantized linear `P` (e.g. model.layers.0.self_attn.q_proj): `P.weight` int8 [out, in],
+  `P.weight_scale` fp32 [out], `P.bias` fp32 [out] when it has one;
+- quantized experts `P` (model.layers.i.mlp.experts): `P.gate_up_proj` int8 [E, 2F, D],
+  `P.gate_up_scale` fp32 [E, 2F], `P.down_proj` int8 [E, D, F], `P.down_scale` fp32 [E, D];
+- everything else (embeddings, norms, router, lm_head) as in the float model.
+`quantization_config` names the scheme and lists the quantized modules, so loading rebuilds the
+same structure before it reads a byte. Every mismatch (config field, missing, unexpected or
+misshapen tensor, wrong dtype, scales that are not finite and positive, int8 values outside
+-127..127, a truncated file) raises CheckpointError naming the field or tensor and the value.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+
+from moge.checkpoint import (CONFIG_NAME, INDEX_NAME, SINGLE_FILE_NAME, CheckpointError, _add_expert_bias_where_saved,
+                             _corrupt, _listing, _meta_model, _rebuild_non_persistent_buffers, _safetensors_headers,
+                             read_config, resolve_dtype)
+from moge.experts import SwiGLUExperts
+from moge.io import atomic_write_bytes, atomic_write_text
+from moge.quant.experts import QuantExperts
+from moge.quant.int8 import QMAX, QuantLinear
+
+QUANT_METHOD = "moge-w8a8"
+FORMAT_VERSION = 1
+_SCALE_SUFFIXES = (".weight_scale", ".gate_up_scale", ".down_scale")
+
+
+def quantization_config(model: nn.Module, report: dict | None = None) -> dict:
+    """The `quantization_config` entry of config.json for a quantized model."""
+    linear = sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear))
+    experts = sorted(n for n, m in model.named_modules() if isinstance(m, QuantExperts))
+    if not linear and not experts:
+        raise ValueError("the model has no quantized modules: run moge.quant.quantize_model first")
+    out = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "weights": {"dtype": "int8", "granularity": "per_output_channel", "symmetric": True, "scale_dtype": "float32"},
+        "activations": {"dtype": "int8", "granularity": "per_token", "symmetric": True, "dynamic": True},
+        "accumulation": "int32 (exact integer sums)",
+        "modules": {"linear": linear, "experts": experts},
+        "not_quantized": ["model.embed_tokens", "*norm", "mlp.router", "lm_head"],
+    }
+    if report:
+        out["calibration"] = report
+    return out
+
+
+def save_quantized(model: nn.Module, directory: str | Path, *, report: dict | None = None) -> Path:
+    """Write `directory/config.json` (with quantization_config) and `directory/model.safetensors`."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"out directory={str(directory)!r} is a file; give a directory path")
+    if (directory / INDEX_NAME).exists():
+        raise ValueError(f"{directory} holds a sharded float checkpoint ({INDEX_NAME}); write the quantized "
+                         f"model to another directory")
+    qc = quantization_config(model, report)
+    cfg = model.config
+    state = model.state_dict()
+    tensors = {}
+    for key, t in state.items():
+        if cfg.tie_word_embeddings and key == "lm_head.weight":
+            continue
+        tensors[key] = t.detach().to("cpu").contiguous().clone()
+    directory.mkdir(parents=True, exist_ok=True)
+    data = safetensors_bytes(tensors, metadata={"format": "pt", "quant_method": QUANT_METHOD})
+    atomic_write_bytes(directory / SINGLE_FILE_NAME, data)
+    hf = cfg.to_hf_dict()
+    hf["quantization_config"] = qc
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def is_quantized_checkpoint(directory: str | Path) -> bool:
+    path = Path(directory) / CONFIG_NAME
+    try:
+        return "quantization_config" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _field(qc: dict, path: str, want) -> None:
+    value = qc
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if value != want:
+        raise CheckpointError(f"quantization_config.{path}={value!r} is not supported: expected {want!r}")
+
+
+def _check_config(qc, where: Path) -> tuple[list[str], list[str]]:
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{where}: quantization_config must be a JSON object, got {type(qc).__name__}")
+    _field(qc, "quant_method", QUANT_METHOD)
+    _field(qc, "format_version", FORMAT_VERSION)
+    _field(qc, "weights.dtype", "int8")
+    _field(qc, "weights.granularity", "per_output_channel")
+    _field(qc, "activations.dtype", "int8")
+    _field(qc, "activations.granularity", "per_token")
+    modules = qc.get("modules")
+    lists = []
+    for kind in ("linear", "experts"):
+        names = modules.get(kind) if isinstance(modules, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CheckpointError(f"{where}: quantization_config.modules.{kind}={names!r} is invalid: expected a "
+                                  f"list of module names")
+        lists.append(names)
+    return lists[0], lists[1]
+
+
+def _swap_modules(model: nn.Module, linear: list[str], experts: list[str]) -> None:
+    """Replace the named float modules of a meta model with empty quantized ones."""
+    modules = dict(model.named_modules())
+    for names, want, make in ((linear, nn.Linear, lambda m: QuantLinear(m.in_features, m.out_features,
+                                                                        m.bias is not None, device="meta")),
+                              (experts, SwiGLUExperts, lambda m: QuantExperts(m.num_experts, m.hidden_size,
+                                                                              m.intermediate_size, device="meta"))):
+        for name in names:
+            module = modules.get(name)
+            if not isinstance(module, want):
+                found = "no such module" if module is None else type(module).__name__
+                raise CheckpointError(f"quantization_config lists {name!r} as a quantized {want.__name__}, but the "
+                                      f"model built from config.json has {found} there")
+            parent_name, _, attr = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, attr, make(module))
+
+
+def load_quantized(directory: str | Path, *, dtype: torch.dtype | str | None = None,
+                   device: torch.device | str = "cpu"):
+    """Load a directory written by `save_quantized` (or `moge quantize`) into a runnable model.
+
+    `dtype` converts the floating-point tensors that are not part of the quantization
+    (embeddings, norms, router, lm_head); int8 weights, their scales and biases keep theirs."""
+    directory = Path(directory)
+    target = resolve_dtype(dtype)
+    cfg = read_config(directory)
+    linear, experts = _check_config(cfg.extra.get("quantization_config"), directory / CONFIG_NAME)
+    path = directory / SINGLE_FILE_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: a quantized checkpoint keeps its weights in {SINGLE_FILE_NAME}")
+    found = _safetensors_headers(path)
+    model = _meta_model(cfg)
+    _add_expert_bias_where_saved(model, found)
+    _swap_modules(model, linear, experts)
+    expected = {k: t for k, t in model.state_dict().items()
+                if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    problems = []
+    missing = [k for k in expected if k not in found]
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {_listing(missing)}")
+    unexpected = [k for k in found if k not in expected]
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {_listing(unexpected)}")
+    bad = []
+    quant_keys = set()
+    for key, t in expected.items():
+        if key not in found:
+            continue
+        shape, file_dtype = found[key]
+        if shape != tuple(t.shape):
+            bad.append(f"{key}: expected shape {list(t.shape)}, found {list(shape)}")
+        elif t.dtype in (torch.int8, torch.float32) and _is_quant_tensor(key, t, model):
+            quant_keys.add(key)
+            if file_dtype != t.dtype:
+                bad.append(f"{key}: expected dtype {t.dtype}, found {file_dtype}")
+        elif file_dtype is None or not file_dtype.is_floating_point:
+            bad.append(f"{key}: expected a floating-point dtype, found {file_dtype}")
+    if bad:
+        problems.append(f"shape/dtype mismatches ({len(bad)}): " + "; ".join(bad[:10])
+                        + (f"; ... and {len(bad) - 10} more" if len(bad) > 10 else ""))
+    if problems:
+        raise CheckpointError(f"quantized checkpoint {directory} does not match its config:\n  "
+                              + "\n  ".join(problems))
+    tensors: dict[str, Tensor] = {}
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # noqa: BLE001 - the Rust errors have no stable Python type
+        raise _corrupt(path, e) from None
+    with handle as f:
+        for key in expected:
+            try:
+                value = f.get_tensor(key)
+            except Exception as e:  # noqa: BLE001
+                raise _corrupt(path, e) from None
+            if key in quant_keys:
+                _check_values(key, value, path)
+            elif target is not None and value.is_floating_point():
+                value = value.to(target)
+            tensors[key] = value.to(device)
+    if cfg.tie_word_embeddings:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _rebuild_non_persistent_buffers(model, torch.device(device))
+    return model.eval()
+
+
+def _is_quant_tensor(key: str, t: Tensor, model: nn.Module) -> bool:
+    """A tensor owned by a quantized module (int8 weight, fp32 scale or bias): dtype must match exactly."""
+    owner = key.rpartition(".")[0]
+    module = model.get_submodule(owner) if owner else model
+    return isinstance(module, (QuantLinear, QuantExperts))
+
+
+def _check_values(key: str, value: Tensor, path: Path) -> None:
+    if value.dtype == torch.int8:
+        if value.numel() and int(value.min()) < -QMAX:
+            raise CheckpointError(f"{path}: {key} holds the int8 value {int(value.min())}, outside -{QMAX}..{QMAX}: "
+                                  f"the file was not written by moge's quantizer or is corrupted")
+    elif key.endswith(_SCALE_SUFFIXES):
+        if value.numel() and not bool((torch.isfinite(value) & (value > 0)).all()):
+            bad = value[~(torch.isfinite(value) & (value > 0))]
+            raise CheckpointError(f"{path}: {key} holds the scale {float(bad[0])!r}; scales must be finite and > 0 "
+                                  f"(corrupted file?)")
+    elif not bool(torch.isfinite(value).all()):
+        raise CheckpointError(f"{path}: {key} holds NaN/Inf values (corrupted file?)")
