@@ -26,7 +26,7 @@ def test_aux_loss_hand_calculation():
 
 
 def test_aux_loss_equals_alpha_under_perfect_balance():
-    n, k, t = 8, 2, 16
+    n, t = 8, 16  # K = 2 slots per token
     probs = torch.full((t, n), 1.0 / n)
     ids = torch.stack([torch.arange(t) % n, (torch.arange(t) + 1) % n], -1)  # each expert exactly 4 times
     assert aux_loss(probs, ids, alpha=0.3).item() == pytest.approx(0.3)

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moge.config import PRESETS
 from moge.generate import Sampling, generate

@@ -8,35 +8,7 @@ import pytest
 import torch
 
 from moge.cli import main
-from moge.config import PRESETS
-from moge.data.corpus import Document
-from moge.data.prepare import prepare
-from moge.data.sources import Source
 from moge.train import TrainConfig, Trainer, TrainingError, load_data
-
-WORDS = {"verse": "thou art the moon and stars shall sing of love and night".split(),
-         "prose": "the report shows that the market grew by ten percent this year".split()}
-
-
-def _docs(domain):
-    import random
-
-    rng = random.Random(domain)
-    return [Document(domain, f"{domain}_{i}", "\n".join(" ".join(rng.choice(WORDS[domain]) for _ in range(12))
-                                                          for _ in range(40)), f"{domain} {i}") for i in range(6)]
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    sources = [Source(d, f"generated {d}", "generated for tests", lambda _p, d=d: _docs(d)) for d in WORDS]
-    prepare(root / "data", cache_dir=root / "cache", sources=sources, vocab_size=300, val_fraction=0.2)
-    cfg = PRESETS["moge-tiny"].replace(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                                       num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,
-                                       shared_expert_intermediate_size=16, max_position_embeddings=64)
-    cfg.to_json(root / "tiny.json")
-    cfg.replace(router="topk").to_json(root / "tiny-topk.json")
-    return root
 
 
 def _cfg(corpus, tmp_path, **kw):

@@ -48,7 +48,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-_STACKED = re.compile(r"^(model\.layers\.\d+\.mlp)\.(router\.gate\.weight|router\.router_scale|"
+_STACKED = re.compile(r"^(model\.(?:layers|mtp)\.\d+\.mlp)\.(router\.gate\.weight|router\.router_scale|"
                       r"experts\.gate_up_proj|experts\.down_proj)$")
 # Keys some exporters write that carry nothing the config does not already fix.
 _IGNORABLE = re.compile(r"\.rotary_emb\.inv_freq$")
@@ -152,10 +152,13 @@ def from_release_state_dict(tensors: Mapping[str, Tensor],
 
 def save_pretrained(model: PanguProMoEForCausalLM, directory: str | Path, *,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                    dtype: torch.dtype | str | None = None) -> Path:
+                    dtype: torch.dtype | str | None = None,
+                    state_dict: Mapping[str, Tensor] | None = None) -> Path:
     """Write config.json, `model-0000i-of-0000n.safetensors` shards in the release layout and
     `model.safetensors.index.json` (always, even for one shard). Returns the directory.
 
+    `state_dict` writes these weights instead of `model.state_dict()` (the whole model gathered from
+    expert-parallel ranks, say); `model` then only supplies the config.
     `dtype` converts floating-point tensors on the way out (default: keep each tensor's dtype).
     A tensor larger than `max_shard_bytes` gets a shard of its own. Saving over an existing
     checkpoint is safe for readers: everything is written to a staging folder first, the old index
@@ -166,7 +169,7 @@ def save_pretrained(model: PanguProMoEForCausalLM, directory: str | Path, *,
     if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes={max_shard_bytes!r} is invalid: must be a positive integer")
     target = resolve_dtype(dtype)
-    state = model.state_dict()
+    state = model.state_dict() if state_dict is None else dict(state_dict)
     meta = [k for k, t in state.items() if t.is_meta]
     if meta:
         raise ValueError(f"cannot save a model with tensors on the meta device ({_listing(meta)}); "
@@ -255,10 +258,15 @@ def load_pretrained(directory: str | Path, *, dtype: torch.dtype | str | None = 
     allocated once, on `device`, and filled shard by shard. Routers whose checkpoint holds our
     `router.expert_bias` are built with the aux-loss-free bias so it has a place to go.
     `allow_pickle=True` permits `*.bin` / `*.pt` / `*.pth` weights (read with weights_only=True)
-    when the directory has no safetensors."""
+    when the directory has no safetensors. A W8A8 checkpoint (config.json with a
+    `quantization_config`, written by `moge quantize`) loads through `moge.quant.load_quantized`."""
     directory = Path(directory)
     target = resolve_dtype(dtype)
     cfg = read_config(directory)
+    if "quantization_config" in cfg.extra:
+        from moge.quant.checkpoint import load_quantized
+
+        return load_quantized(directory, dtype=target, device=device)
     source = _Source.open(directory, allow_pickle=allow_pickle)
     model = _meta_model(cfg)
     _add_expert_bias_where_saved(model, source.found)

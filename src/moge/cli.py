@@ -12,6 +12,8 @@ COMMAND_MODULES = [
     "moge.commands.model",
     "moge.commands.train",
     "moge.commands.quickstart",
+    "moge.commands.bench_ep",
+    "moge.commands.quant",
     "moge.data.cli",
     "moge.sim.cli",
 ]

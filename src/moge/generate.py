@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from moge.model import KVCache, PanguProMoEForCausalLM
@@ -39,6 +40,15 @@ def sample_next(logits_BV: Tensor, sampling: Sampling, generator: torch.Generato
     """Next token ids [B] from fp32 logits: greedy, or temperature + top-k + top-p sampling."""
     if sampling.temperature == 0:
         return logits_BV.argmax(-1)
+    probs = sampling_probs(logits_BV, sampling)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits_BV: Tensor, sampling: Sampling) -> Tensor:
+    """The distribution `sample_next` draws from ([B, V], temperature > 0): softmax of the
+    temperature-scaled logits after the top-k and top-p filters."""
+    if sampling.temperature == 0:
+        raise ValueError("sampling_probs needs temperature > 0 (temperature 0 is greedy: argmax)")
     logits = logits_BV.float() / sampling.temperature
     if sampling.top_k:
         kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -50,8 +60,7 @@ def sample_next(logits_BV: Tensor, sampling: Sampling, generator: torch.Generato
         drop = probs.cumsum(-1) - probs >= sampling.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
 
 
 @dataclass
@@ -76,6 +85,18 @@ class GenerationResult:
         """Tokens produced by the decode steps (all rows) per second of decoding."""
         produced = self.decode_steps * len(self.tokens)
         return produced / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def _all_ranks_done(done: bool) -> bool:
+    """Under torch.distributed the ranks of a parallel model must step together: decoding goes on
+    until every rank's rows are done (a finished rank's extra tokens are discarded)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return done
+    from moge.parallel.launch import comm_device
+
+    flag = torch.tensor([1.0 if done else 0.0], device=comm_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 @torch.inference_mode()
@@ -108,7 +129,10 @@ def generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]], *,
         ids[row, longest - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
         mask[row, longest - len(p):] = 1
     padded = bool((mask == 0).any())
-    cache = KVCache.allocate(cfg, B, longest + max_new_tokens, dtype, device)
+    # parallel models (moge.parallel.hybrid) keep only their own attention heads' cache
+    allocate = getattr(model, "allocate_cache", None)
+    cache = allocate(B, longest + max_new_tokens, dtype) if allocate is not None else \
+        KVCache.allocate(cfg, B, longest + max_new_tokens, dtype, device)
     gen = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
 
     t0 = time.perf_counter()
@@ -127,7 +151,7 @@ def generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]], *,
                 on_token(row, tok)
             if tok in stop or len(tokens[row]) >= max_new_tokens:
                 done[row] = True
-        if all(done):
+        if _all_ranks_done(all(done)):
             break
         out = model(next_ids.view(B, 1), cache=cache)
         next_ids = sample_next(out.logits[:, -1], sampling, gen)

@@ -106,8 +106,13 @@ def _dispatch_worker(rank, world):
     x.grad = None
     if T:
         ref.sum().backward()
+    try:
+        ExpertParallelMesh.build(3)
+        bad_world = ""
+    except ValueError as e:
+        bad_world = str(e)
     return {"err": float((y - ref).abs().max()) if T else 0.0, "recv": d.recv_splits, "send": d.send_splits,
-            "grad_err": float((gx - x.grad).abs().max()) if T else 0.0}
+            "grad_err": float((gx - x.grad).abs().max()) if T else 0.0, "bad_world": bad_world}
 
 
 def test_uneven_and_empty_splits():
@@ -115,6 +120,7 @@ def test_uneven_and_empty_splits():
     assert r0["send"] == [10, 0] and r1["send"] == [0, 0]
     assert r0["recv"] == [10, 0] and r1["recv"] == [0, 0]
     assert r0["err"] < 1e-6 and r0["grad_err"] < 1e-6
+    assert "expert_parallel=3 must divide the world size 2" in r0["bad_world"]
 
 
 def test_placement_is_contiguous_groups():
@@ -141,22 +147,34 @@ def test_mesh_needs_an_initialised_process_group():
         ExpertParallelMesh.build(2)
 
 
-def _bad_world_worker(rank, world):
-    try:
-        ExpertParallelMesh.build(3)
-    except ValueError as e:
-        return str(e)
-    return ""
-
-
-def test_expert_parallel_must_divide_world():
-    messages = spawn(_bad_world_worker, 2)
-    assert all("must divide the world size 2" in m for m in messages)
-
-
 def test_block_rejects_groups_split_across_ranks():
     block_cfg = CFG.replace(num_experts=8, num_groups=2, top_k=2).moe()
     from moge.layer import MoGEBlock
     mesh = ExpertParallelMesh(world=4, rank=0, ep=4, ep_group=None, replica_group=None)
     with pytest.raises(ValueError, match="num_groups=2"):
         ExpertParallelMoGEBlock(MoGEBlock(block_cfg), mesh)
+
+
+def _generate_worker(rank, world, router):
+    from moge.generate import generate
+
+    cfg = CFG.replace(router=router)
+    model = make_model(cfg).eval()
+    prompts = torch.randint(0, cfg.vocab_size, (world * 2, 5), generator=torch.Generator().manual_seed(11)).tolist()
+    want = generate(model, prompts, max_new_tokens=6, stop_ids=[]).tokens
+    shard_model(model, ExpertParallelMesh.build(world))
+    # each rank decodes its own two prompts; rank 1 stops early at its first generated token
+    mine = prompts[2 * rank:2 * rank + 2]
+    stop = [want[2][0]] if rank == 1 else []
+    got = generate(model, mine, max_new_tokens=6, stop_ids=stop).tokens
+    return {"got": got, "want": want[2 * rank:2 * rank + 2]}
+
+
+@pytest.mark.parametrize("router", ["grouped", "topk"])
+def test_expert_parallel_generation_matches_single_process(router):
+    r0, r1 = spawn(_generate_worker, 2, router)
+    assert r0["got"] == r0["want"]
+    # rank 1's rows end at their first stop token, while it kept stepping with rank 0
+    stop = r1["want"][0][0]
+    assert r1["got"] == [w[:w.index(stop) + 1] if stop in w else w for w in r1["want"]]
+    assert r1["got"][0] == [stop]

@@ -18,7 +18,7 @@ HELP = {
     "data": "prepared corpus directory (moge data prepare)",
     "out": "run directory: checkpoints, metrics.jsonl, train_config.json",
     "steps": "optimizer steps",
-    "batch_size": "sequences per micro-batch",
+    "batch_size": "sequences per micro-batch (over all data-parallel ranks under torchrun)",
     "seq_len": "tokens per sequence",
     "grad_accum": "micro-batches per optimizer step",
     "lr": "peak learning rate (after warmup)",
@@ -41,7 +41,14 @@ HELP = {
     "device": "auto, cpu or cuda (bf16 autocast on cuda)",
     "threads": "torch CPU threads (0 = torch's default)",
     "init_std": "std of the normal initialisation",
+    "mtp_modules": "1 = add a multi-token-prediction module to the model (same as --mtp); 0 = as its config says",
+    "expert_parallel": "under torchrun: ranks sharing one copy of the routed experts (must divide the world "
+                       "size and the number of expert groups); 1 = data parallel only",
+    "dist_timeout": "seconds a collective waits for the other ranks before failing with an error",
+    "mtp_loss_weight": "weight of the MTP module's cross-entropy on token t+2 (0 = off; alias --mtp-weight)",
 }
+# Extra spellings of some flags.
+ALIASES = {"mtp_loss_weight": ("--mtp-weight",)}
 
 
 def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig | None = None) -> None:
@@ -52,8 +59,10 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig | None
         value = getattr(defaults, f.name)
         kind = type(value)
         choices = list(AUX_SCOPES) if f.name == "aux_scope" else None
-        p.add_argument(flag, type=kind, default=None, choices=choices,
+        p.add_argument(flag, *ALIASES.get(f.name, ()), type=kind, default=None, choices=choices,
                        help=f"{HELP.get(f.name, '')} (default: {value})")
+    p.add_argument("--mtp", dest="mtp_modules", action="store_const", const=1,
+                   help="add one multi-token-prediction module (DeepSeek-V3) to the model; train it with --mtp-weight")
 
 
 def train_config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
@@ -128,16 +137,39 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from moge.train import Trainer, TrainingError, load_data
+    """Single process, or one rank of `torchrun --nproc-per-node N -m moge train ...` (data x expert
+    parallel; only rank 0 prints and writes)."""
+    from moge.parallel.launch import (DistributedError, init_distributed, launched_by_torchrun,
+                                      peer_failures_as_errors, shutdown)
 
     cfg = train_config_from_args(args)
+    distributed = launched_by_torchrun()
+    rank = init_distributed(cfg.dist_timeout)[0] if distributed else 0
+    try:
+        with peer_failures_as_errors(cfg.dist_timeout):
+            return _train(args, cfg, rank)
+    except DistributedError as e:
+        print(f"moge train: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if distributed:
+            shutdown()
+
+
+def _train(args: argparse.Namespace, cfg: TrainConfig, rank: int) -> int:
+    from moge.train import Trainer, TrainingError, load_data
+
+    def say(msg: str) -> None:
+        if rank == 0:
+            print(msg, file=sys.stderr)
+
     data = load_data(cfg)
-    trainer = Trainer(cfg, data)
+    trainer = Trainer(cfg, data, log=say)
     if args.resume:
         if trainer.resume():
-            print(f"resumed from step {trainer.step} ({trainer.latest_checkpoint()})", file=sys.stderr)
+            say(f"resumed from step {trainer.step} ({trainer.latest_checkpoint()})")
         else:
-            print(f"no checkpoint in {cfg.out}; starting from scratch", file=sys.stderr)
+            say(f"no checkpoint in {cfg.out}; starting from scratch")
     elif trainer.latest_checkpoint() is not None:
         raise ValueError(f"--out {cfg.out} already holds a run; pass --resume to continue it or choose another --out")
     try:
@@ -145,11 +177,12 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"moge train: error: {e}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        val = ", ".join(f"{d} {v:.3f}" for d, v in summary["val"].items())
-        print(f"step {summary['step']}: validation loss {val}; checkpoint {summary['checkpoint']}")
+    if rank == 0:
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            val = ", ".join(f"{d} {v:.3f}" for d, v in summary["val"].items())
+            print(f"step {summary['step']}: validation loss {val}; checkpoint {summary['checkpoint']}")
     return 130 if summary["interrupted"] else 0
 
 

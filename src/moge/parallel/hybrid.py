@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moge.config import ModelConfig
-from moge.model import Attention, KVCache, ModelOutput, PanguProMoEForCausalLM, RMSNorm, rope_cos_sin
+from moge.model import Attention, KVCache, ModelOutput, PanguProMoEForCausalLM, rope_cos_sin
 from moge.parallel.comm import all_gather, reduce_scatter
 from moge.parallel.mesh import _divisors
 

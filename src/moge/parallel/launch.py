@@ -85,6 +85,14 @@ def peer_failures_as_errors(timeout_s: float) -> Iterator[None]:
             f"{timeout_s:g} s limit (--dist-timeout). Cause: {first}") from e
 
 
+def comm_device() -> torch.device:
+    """Where small control tensors (flags, counters) must live for the default group's backend:
+    nccl only moves CUDA tensors, gloo CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
