@@ -160,3 +160,13 @@ def test_quickstart_main_job_end_to_end(tmp_path, capsys):
     result = json.loads(out[out.index("{"):])
     assert result["steps"] == 3
     assert all(v["imbalance_score_mean"] == 0.0 for v in result["balance"].values())
+
+
+def test_aux_free_bias_updates_every_router_including_the_mtp_module(corpus, tmp_path):
+    # one step: a second sign update can take a bias straight back to zero
+    cfg = _cfg(corpus, tmp_path, steps=1, bias_update_rate=0.01, aux_alpha=0.0, mtp_modules=1, mtp_loss_weight=0.3)
+    trainer = Trainer(cfg, load_data(cfg), log=lambda _m: None)
+    trainer.fit(progress=False)
+    biases = {n: b for n, b in trainer.model.named_buffers() if n.endswith("expert_bias")}
+    assert len(biases) == trainer.model_cfg.num_layers + 1  # the MTP module's router too
+    assert all(b.abs().sum() > 0 for b in biases.values()), biases

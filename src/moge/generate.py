@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moge.config import ModelConfig
 from moge.model import KVCache, PanguProMoEForCausalLM
 
 
@@ -87,6 +88,22 @@ class GenerationResult:
         return produced / self.decode_s if self.decode_s > 0 else float("nan")
 
 
+def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Clear errors for prompts a model cannot continue: empty, too long, out-of-vocabulary ids."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the context of "
+                         f"{cfg.max_position_embeddings} tokens (max_position_embeddings)")
+    for row, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {row}: token id {bad[0]} is out of range: valid ids are 0..{cfg.vocab_size - 1}")
+
+
 def _all_ranks_done(done: bool) -> bool:
     """Under torch.distributed the ranks of a parallel model must step together: decoding goes on
     until every rank's rows are done (a finished rank's extra tokens are discarded)."""
@@ -106,18 +123,8 @@ def generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]], *,
     """Generate up to `max_new_tokens` for each prompt. `on_token(row, token_id)` streams tokens.
     A row stops at any of `stop_ids` (default: the config's eos_token_id)."""
     cfg = model.config
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+    check_prompts(cfg, prompts, max_new_tokens)
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the context of "
-                         f"{cfg.max_position_embeddings} tokens (max_position_embeddings)")
-    for row, p in enumerate(prompts):
-        bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {row}: token id {bad[0]} is out of range: valid ids are 0..{cfg.vocab_size - 1}")
     stop = set(stop_ids if stop_ids is not None else ([cfg.eos_token_id] if cfg.eos_token_id is not None else []))
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype

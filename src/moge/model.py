@@ -214,18 +214,8 @@ class PanguProMoEForCausalLM(nn.Module):
             bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)]
             raise ValueError(f"token id {int(bad[0])} is out of range: valid ids are 0..{cfg.vocab_size - 1} "
                              f"(vocab_size={cfg.vocab_size})")
-        past = cache.length if cache is not None else 0
-        if past + S > cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {past + S} exceeds max_position_embeddings="
-                             f"{cfg.max_position_embeddings}")
-        if cache is not None and past + S > cache.max_len:
-            raise ValueError(f"sequence length {past + S} exceeds the KV cache size {cache.max_len}")
-        valid_BT = self._valid_tokens(B, S, past, attention_mask, cache, input_ids.device)
-        if positions is None:
-            # each row counts only its real tokens: left padding does not shift positions
-            positions = (valid_BT.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
-        mask = self._attention_mask(S, past, valid_BT)
-        cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta)
+        past, valid_BT, mask, cos, sin = attention_inputs(cfg, B, S, positions, cache, attention_mask,
+                                                          input_ids.device)
         h = self.model.embed_tokens(input_ids)
         routings = []
         for i, layer in enumerate(self.model.layers):
@@ -261,17 +251,8 @@ class PanguProMoEForCausalLM(nn.Module):
         B, S = next_ids.shape
         if next_ids.numel() and (int(next_ids.min()) < 0 or int(next_ids.max()) >= cfg.vocab_size):
             raise ValueError(f"next_ids hold a token id outside 0..{cfg.vocab_size - 1} (vocab_size={cfg.vocab_size})")
-        past = cache.length if cache is not None else 0
-        if past + S > cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {past + S} exceeds max_position_embeddings="
-                             f"{cfg.max_position_embeddings}")
-        if cache is not None and past + S > cache.max_len:
-            raise ValueError(f"sequence length {past + S} exceeds the KV cache size {cache.max_len}")
-        valid_BT = self._valid_tokens(B, S, past, attention_mask, cache, next_ids.device)
-        if positions is None:
-            positions = (valid_BT.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
-        mask = self._attention_mask(S, past, valid_BT)
-        cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta)
+        past, valid_BT, mask, cos, sin = attention_inputs(cfg, B, S, positions, cache, attention_mask,
+                                                          next_ids.device)
         mtp = self.model.mtp[module]
         h, routing = mtp(hidden_BSD, self.model.embed_tokens(next_ids), cos, sin, mask, module, cache)
         if cache is not None:
@@ -345,3 +326,22 @@ class PanguProMoEForCausalLM(nn.Module):
         else:
             inactive = 0
         return {"total": total, "activated": total - inactive}
+
+
+def attention_inputs(cfg: ModelConfig, B: int, S: int, positions: Tensor | None, cache: KVCache | None,
+                     attention_mask: Tensor | None, device) -> tuple[int, Tensor, Tensor | None, Tensor, Tensor]:
+    """For S new tokens of B rows: (past length, valid_BT, SDPA mask, RoPE cos, sin), with clear
+    errors when the sequence outgrows the context or the cache. Positions default to each row's
+    count of real tokens, so left padding does not shift them."""
+    past = cache.length if cache is not None else 0
+    if past + S > cfg.max_position_embeddings:
+        raise ValueError(f"sequence length {past + S} exceeds max_position_embeddings="
+                         f"{cfg.max_position_embeddings}")
+    if cache is not None and past + S > cache.max_len:
+        raise ValueError(f"sequence length {past + S} exceeds the KV cache size {cache.max_len}")
+    valid_BT = PanguProMoEForCausalLM._valid_tokens(B, S, past, attention_mask, cache, device)
+    if positions is None:
+        positions = (valid_BT.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+    mask = PanguProMoEForCausalLM._attention_mask(S, past, valid_BT)
+    cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta)
+    return past, valid_BT, mask, cos, sin

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moge.generate import GenerationResult, Sampling, sample_next, sampling_probs
+from moge.generate import GenerationResult, Sampling, check_prompts, sample_next, sampling_probs
 from moge.model import KVCache, PanguProMoEForCausalLM
 
 
@@ -87,18 +87,7 @@ def _check_inputs(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]
                          "key num_nextn_predict_layers); train one with `moge train --mtp --mtp-weight 0.3`")
     if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
         raise ValueError(f"num_draft={num_draft!r} is invalid: must be an integer >= 1 (draft tokens per step)")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the context of "
-                         f"{cfg.max_position_embeddings} tokens (max_position_embeddings)")
-    for row, p in enumerate(prompts):
-        bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {row}: token id {bad[0]} is out of range: valid ids are 0..{cfg.vocab_size - 1}")
+    check_prompts(cfg, prompts, max_new_tokens)
 
 
 def _draw(weights_BV: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -30,6 +30,7 @@ from moge.balance import (GlobalBatchAuxLoss, aux_loss, device_loads, local_grou
                           z_loss)
 from moge.config import ModelConfig, load_model_config
 from moge.io import atomic_write_text
+from moge.layer import MoGEBlock
 from moge.model import PanguProMoEForCausalLM
 from moge.routing import Router
 
@@ -165,8 +166,9 @@ def build_model(model_cfg: ModelConfig, cfg: TrainConfig) -> PanguProMoEForCausa
     model = PanguProMoEForCausalLM(model_cfg)
     if cfg.bias_update_rate > 0 and model_cfg.is_moe:
         # aux-loss-free balancing needs routers with the selection-bias buffers
-        for layer in model.model.layers:
-            layer.mlp.router = Router(dataclasses.replace(layer.mlp.cfg, aux_free_bias=True))
+        for block in model.modules():  # the trunk's layers and the MTP module's
+            if isinstance(block, MoGEBlock):
+                block.router = Router(dataclasses.replace(block.cfg, aux_free_bias=True))
     return model.init_weights(cfg.init_std, seed=cfg.seed)
 
 
@@ -424,8 +426,9 @@ class Trainer:
         if self.global_aux is not None:
             self.global_aux.reset()
         if cfg.bias_update_rate > 0 and self.model_cfg.is_moe:
-            for layer in self.model.model.layers:
-                layer.mlp.router.update_bias(cfg.bias_update_rate)
+            for router in self.model.modules():
+                if isinstance(router, Router):
+                    router.update_bias(cfg.bias_update_rate)
         self.step += 1
         return {"step": self.step, "lr": lr, "grad_norm": float(norm), **totals}
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moge.config import ModelConfig
-from moge.model import Attention, KVCache, ModelOutput, PanguProMoEForCausalLM, rope_cos_sin
+from moge.model import Attention, KVCache, ModelOutput, PanguProMoEForCausalLM, attention_inputs
 from moge.parallel.comm import all_gather, reduce_scatter
 from moge.parallel.mesh import _divisors
 
@@ -200,12 +200,8 @@ class HybridModel(nn.Module):
         B, S = input_ids.shape
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
             raise ValueError(f"token ids must be in 0..{cfg.vocab_size - 1} (vocab_size={cfg.vocab_size})")
-        past = cache.length if cache is not None else 0
-        valid_BT = PanguProMoEForCausalLM._valid_tokens(B, S, past, attention_mask, cache, input_ids.device)
-        if positions is None:
-            positions = (valid_BT.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
-        mask = PanguProMoEForCausalLM._attention_mask(S, past, valid_BT)
-        cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta)
+        past, valid_BT, mask, cos, sin = attention_inputs(cfg, B, S, positions, cache, attention_mask,
+                                                          input_ids.device)
         T, D = B * S, cfg.hidden_size
         h = self._shard(self.embed_tokens(input_ids).reshape(T, D))
         for i, layer in enumerate(self.layers):
