@@ -25,7 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "generate", help="generate text from a checkpoint in the released layout",
         description="Loads a checkpoint directory (config.json, *.safetensors, tokenizer) and "
                     "generates a continuation for each --prompt, printing the text and tokens/s. "
-                    "Several --prompt flags run as one padded batch.",
+                    "Several --prompt flags run as one padded batch. Under torchrun "
+                    "(`torchrun --nproc-per-node N -m moge generate ...`) the model is split over the N "
+                    "processes: routed experts over all of them (--parallel ep), or the paper's H2P layout "
+                    "(--parallel h2p: attention DP x TP, experts TP x EP, shared expert TP); every rank runs "
+                    "the same prompts and rank 0 prints.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g.add_argument("--model", required=True, help="checkpoint directory in the released layout")
     g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
@@ -46,6 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "prints the draft acceptance rate)")
     g.add_argument("--num-draft", type=int, default=1,
                    help="draft tokens per step with --speculative (more than 1 chains the MTP module)")
+    g.add_argument("--parallel", choices=["ep", "h2p"], default="ep",
+                   help="under torchrun: experts split over all ranks, or the H2P hybrid layout")
+    g.add_argument("--attn-tp", type=int, default=1, help="--parallel h2p: attention tensor-parallel size")
+    g.add_argument("--expert-tp", type=int, default=1, help="--parallel h2p: routed-expert tensor-parallel size")
+    g.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="under torchrun: seconds a collective waits for the other ranks before failing")
     g.add_argument("--json", action="store_true", help="print machine-readable JSON")
     g.set_defaults(func=run_generate)
 
@@ -71,6 +81,40 @@ def run_params(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    """One process, or one rank of a torchrun job (see the subcommand's description)."""
+    from moge.parallel.launch import (DistributedError, init_distributed, launched_by_torchrun,
+                                      peer_failures_as_errors, shutdown)
+
+    if not launched_by_torchrun():
+        return _generate(args, None)
+    if args.speculative:
+        raise ValueError("--speculative runs in a single process; drop it under torchrun")
+    init_distributed(args.dist_timeout)
+    try:
+        with peer_failures_as_errors(args.dist_timeout):
+            return _generate(args, args.parallel)
+    except DistributedError as e:
+        print(f"moge generate: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown()
+
+
+def _split(model, parallel: str, args: argparse.Namespace):
+    """This rank's share of the model for the requested layout."""
+    import torch.distributed as dist
+
+    if parallel == "h2p":
+        from moge.parallel.hybrid import HybridModel
+
+        return HybridModel.build(model, args.attn_tp, args.expert_tp).eval()
+    from moge.parallel.expert import shard_model
+    from moge.parallel.mesh import ExpertParallelMesh
+
+    return shard_model(model, ExpertParallelMesh.build(dist.get_world_size()))
+
+
+def _generate(args: argparse.Namespace, parallel: str | None) -> int:
     from moge.checkpoint import load_pretrained
     from moge.generate import Sampling, generate
     from moge.tokenizer import chat_prompt, load_tokenizer
@@ -96,8 +140,14 @@ def run_generate(args: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"--token-ids={ids!r} is invalid: expected comma-separated integers") from None
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    quiet = False
+    if parallel is not None:
+        import torch.distributed as dist
+
+        model = _split(model, parallel, args)
+        quiet = dist.get_rank() != 0  # every rank decodes the same prompts; rank 0 reports
     on_token = None
-    if args.stream and not args.json and tok is not None and len(prompts) == 1:
+    if args.stream and not args.json and tok is not None and len(prompts) == 1 and not quiet:
         def on_token(row: int, token: int) -> None:
             sys.stdout.write(tok.decode([token]))
             sys.stdout.flush()
@@ -109,6 +159,8 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         res = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop,
                        on_token=on_token)
+    if quiet:
+        return 0
     texts = [tok.decode(t) if tok is not None else None for t in res.tokens]
     out = {"completions": [{"tokens": t, "text": x} for t, x in zip(res.tokens, texts)],
            "prompt_tokens": res.prompt_tokens, "new_tokens": res.new_tokens,

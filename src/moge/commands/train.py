@@ -85,7 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Trains with AdamW, warmup + cosine, clipping, the paper's auxiliary balance loss and "
                     "z-loss. Checkpoints (model in the released safetensors layout + optimizer/RNG state) are "
                     "written atomically; --resume continues exactly where the run stopped. Ctrl-C or SIGTERM "
-                    "saves a checkpoint and exits.",
+                    "saves a checkpoint and exits. Under torchrun (`torchrun --nproc-per-node N -m moge train "
+                    "...`) every process is a data-parallel rank and --expert-parallel E splits the routed "
+                    "experts over E of them; checkpoints load at any expert-parallel size.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="JSON file of training settings (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
