@@ -223,7 +223,7 @@ class Trainer:
                                  f"({cfg.model} is dense)")
             self.mesh = ExpertParallelMesh.build(cfg.expert_parallel)
             self._comm_device = comm_device()
-            shard_model(model, self.mesh)
+            shard_model(model, self.mesh, same_tokens_per_rank=True)  # every micro-batch has one shape
         self.model = model.to(self.device)
         self.optimizer = make_optimizer(self.model, cfg)
         self.step = 0

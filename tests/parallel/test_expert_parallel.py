@@ -111,8 +111,19 @@ def _dispatch_worker(rank, world):
         bad_world = ""
     except ValueError as e:
         bad_world = str(e)
+    # MoGE with a different number of tokens on each rank (as in generation): the block learns the
+    # counts from one all-gathered integer per rank
+    from moge.layer import MoGEBlock
+
+    torch.manual_seed(1)
+    full = MoGEBlock(MoEConfig(hidden_size=16, num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16))
+    block = ExpertParallelMoGEBlock(copy.deepcopy(full), ExpertParallelMesh.build(2))
+    xs = torch.randn(4 if rank == 0 else 3, 16, generator=torch.Generator().manual_seed(10 + rank))
+    with torch.no_grad():
+        uneven = float((block(xs) - full(xs)).abs().max())
     return {"err": float((y - ref).abs().max()) if T else 0.0, "recv": d.recv_splits, "send": d.send_splits,
-            "grad_err": float((gx - x.grad).abs().max()) if T else 0.0, "bad_world": bad_world}
+            "grad_err": float((gx - x.grad).abs().max()) if T else 0.0, "bad_world": bad_world,
+            "uneven_moge_err": uneven, "uneven_recv": block.last_dispatch.recv_splits}
 
 
 def test_uneven_and_empty_splits():
@@ -121,6 +132,8 @@ def test_uneven_and_empty_splits():
     assert r0["recv"] == [10, 0] and r1["recv"] == [0, 0]
     assert r0["err"] < 1e-6 and r0["grad_err"] < 1e-6
     assert "expert_parallel=3 must divide the world size 2" in r0["bad_world"]
+    for r in (r0, r1):  # 4 and 3 tokens, K' = 1 in each of the 2 groups a rank hosts
+        assert r["uneven_moge_err"] < 1e-6 and r["uneven_recv"] == [8, 6]
 
 
 def test_placement_is_contiguous_groups():

@@ -12,9 +12,10 @@ How the receiver learns what it will receive:
               every group's rank: each rank receives tokens x K' x (groups per rank) rows from each
               sender, known in advance, so there is no count exchange before the data; the local
               expert ids travel in a second all_to_all with the same known splits, issued together
-              with the data. This needs every rank of the EP group to route the same number of tokens
-              (true for training micro-batches and equal per-rank batches); otherwise pass
-              `tokens_per_rank` (a list per rank) or use the counted path.
+              with the data. The senders' token counts come from `tokens_per_rank` (None: every rank
+              routes as many tokens as this one, as training micro-batches do; ranks that disagree
+              about it would make the transport abort, so callers that cannot promise it pass the
+              counts - ExpertParallelMoGEBlock all-gathers one integer per rank).
 """
 
 from __future__ import annotations

@@ -33,10 +33,14 @@ class ExpertParallelMoGEBlock(MoGEBlock):
     MoGEBlock wherever the model asks).
 
     Built from a whole block: the router and shared expert are taken over, the routed experts are
-    sliced to this rank's share. `tokens_per_rank` (None: every rank routes as many tokens as this
-    one) tells the MoGE dispatcher how many rows each rank will send."""
+    sliced to this rank's share.
 
-    def __init__(self, block: MoGEBlock, mesh: ExpertParallelMesh):
+    The MoGE dispatcher needs every rank's token count to size its receive buffer. With
+    `same_tokens_per_rank=True` (training: every rank's micro-batch has the same shape) it takes its
+    own count for everybody's and nothing is exchanged before the data; otherwise the ranks first
+    all-gather one integer each (batches of any size, e.g. generation), still no per-expert counts."""
+
+    def __init__(self, block: MoGEBlock, mesh: ExpertParallelMesh, same_tokens_per_rank: bool = False):
         nn.Module.__init__(self)  # not MoGEBlock's: that would allocate all the experts
         cfg = block.cfg
         check_expert_parallel(cfg, mesh.ep)
@@ -54,14 +58,22 @@ class ExpertParallelMoGEBlock(MoGEBlock):
                 setattr(self, name, getattr(block, name))
         known = cfg.top_k_per_group * (cfg.num_groups // mesh.ep) if cfg.router == "grouped" else None
         self.dispatcher = ExpertParallelDispatcher(cfg.num_experts, mesh.ep_group, known)
-        self.tokens_per_rank: list[int] | None = None
+        self.same_tokens_per_rank = same_tokens_per_rank
         self.last_dispatch = None  # rows sent/received by the latest forward, for load reports
+
+    def _tokens_per_rank(self, x_TD: Tensor) -> list[int] | None:
+        if self.same_tokens_per_rank or self.dispatcher.slots_per_rank is None or self.mesh.ep == 1:
+            return None
+        mine = torch.tensor([x_TD.shape[0]], dtype=torch.int64, device=x_TD.device)
+        everyone = mine.new_empty(self.mesh.ep)
+        dist.all_gather_single(everyone, mine, group=self.mesh.ep_group)
+        return everyone.tolist()
 
     def forward(self, x: Tensor, return_routing: bool = False) -> Tensor | tuple[Tensor, RoutingResult]:
         lead = x.shape[:-1]
         x_TD = x.reshape(-1, self.cfg.hidden_size)
         routing = self.router(x_TD)
-        d = self.dispatcher.dispatch(x_TD, routing.experts_TK, self.tokens_per_rank)
+        d = self.dispatcher.dispatch(x_TD, routing.experts_TK, self._tokens_per_rank(x_TD))
         ones_R1 = torch.ones(d.x_RD.shape[0], 1, device=x.device)
         out_RD = self.experts(d.x_RD, d.local_expert_R.unsqueeze(1), ones_R1)
         y_TD = self.dispatcher.combine(out_RD, d, routing.weights_TK)
@@ -72,13 +84,15 @@ class ExpertParallelMoGEBlock(MoGEBlock):
         return (y, routing) if return_routing else y
 
 
-def shard_model(model: nn.Module, mesh: ExpertParallelMesh) -> nn.Module:
+def shard_model(model: nn.Module, mesh: ExpertParallelMesh, same_tokens_per_rank: bool = False) -> nn.Module:
     """Replace every MoGEBlock of `model` (a whole, identical copy on every rank) by its
-    expert-parallel version, in place; the full expert tensors are freed. Returns the model."""
+    expert-parallel version, in place; the full expert tensors are freed. Returns the model.
+    `same_tokens_per_rank`: every forward gets the same number of tokens on every rank (see
+    ExpertParallelMoGEBlock)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, MoGEBlock) and not isinstance(child, ExpertParallelMoGEBlock):
-                setattr(module, name, ExpertParallelMoGEBlock(child, mesh))
+                setattr(module, name, ExpertParallelMoGEBlock(child, mesh, same_tokens_per_rank))
     return model
 
 
