@@ -104,6 +104,18 @@ def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_to
             raise ValueError(f"prompt {row}: token id {bad[0]} is out of range: valid ids are 0..{cfg.vocab_size - 1}")
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    """Prompts as one left-padded batch: ids [B, longest] and attention mask [B, longest] (1 = token),
+    so every row's last prompt token sits in the last column."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[row, longest - len(p):] = 1
+    return ids, mask
+
+
 def _all_ranks_done(done: bool) -> bool:
     """Under torch.distributed the ranks of a parallel model must step together: decoding goes on
     until every rank's rows are done (a finished rank's extra tokens are discarded)."""
@@ -129,12 +141,7 @@ def generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]], *,
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     B = len(prompts)
-    pad = cfg.pad_token_id or 0
-    ids = torch.full((B, longest), pad, dtype=torch.long, device=device)
-    mask = torch.zeros(B, longest, dtype=torch.long, device=device)
-    for row, p in enumerate(prompts):
-        ids[row, longest - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[row, longest - len(p):] = 1
+    ids, mask = left_pad(prompts, cfg.pad_token_id or 0, device)
     padded = bool((mask == 0).any())
     # parallel models (moge.parallel.hybrid) keep only their own attention heads' cache
     allocate = getattr(model, "allocate_cache", None)

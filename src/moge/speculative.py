@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moge.generate import GenerationResult, Sampling, check_prompts, sample_next, sampling_probs
+from moge.generate import GenerationResult, Sampling, check_prompts, left_pad, sample_next, sampling_probs
 from moge.model import KVCache, PanguProMoEForCausalLM
 
 
@@ -111,11 +111,7 @@ def speculative_generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequen
     B = len(prompts)
     longest = max(len(p) for p in prompts)
     pad = cfg.pad_token_id or 0
-    ids = torch.full((B, longest), pad, dtype=torch.long, device=device)
-    mask = torch.zeros(B, longest, dtype=torch.long, device=device)
-    for row, p in enumerate(prompts):
-        ids[row, longest - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[row, longest - len(p):] = 1
+    ids, mask = left_pad(prompts, pad, device)
     padded = bool((mask == 0).any())
     # Rows accept different numbers of drafts; a batch keeps the rejected slots of the rows that
     # accepted fewer as masked holes, so it needs more cache columns than tokens (at most

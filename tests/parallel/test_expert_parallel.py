@@ -8,30 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moge.config import MoEConfig, PRESETS
+from moge.config import MoEConfig
 from moge.experts import SwiGLUExperts
-from moge.model import PanguProMoEForCausalLM
 from moge.parallel.dispatch import ExpertParallelDispatcher
 from moge.parallel.expert import ExpertParallelMoGEBlock, full_state_dict, is_expert_param, shard_model
 from moge.parallel.launch import spawn
 from moge.parallel.mesh import ExpertParallelMesh, check_expert_parallel, group_owner
 from moge.parallel.training import clip_grad_norm, reduce_gradients
-
-CFG = PRESETS["moge-tiny"].replace(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                   num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,
-                                   shared_expert_intermediate_size=24, max_position_embeddings=64)
-
-
-def make_model(cfg, seed=0):
-    torch.manual_seed(seed)
-    model = PanguProMoEForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("router_scale") or "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model
+from tiny_models import CFG, make_model
 
 
 def _model_worker(rank, world, ep, router, batch, seq):

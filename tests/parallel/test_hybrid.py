@@ -4,31 +4,15 @@ real gloo process groups equals the single-process model, for prefill and cached
 import pytest
 import torch
 
-from moge.config import PRESETS
-from moge.model import KVCache, PanguProMoEForCausalLM
+from moge.model import KVCache
 from moge.parallel.hybrid import HybridLayout, HybridModel
 from moge.parallel.launch import spawn
-
-CFG = PRESETS["moge-tiny"].replace(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                   num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,
-                                   shared_expert_intermediate_size=24, max_position_embeddings=64)
-
-
-def _model(cfg):
-    torch.manual_seed(0)
-    model = PanguProMoEForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("router_scale") or "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model.eval()
+from tiny_models import CFG, make_model
 
 
 def _hybrid_worker(rank, world, attn_tp, expert_tp, router, batch, prompt, steps):
     cfg = CFG.replace(router=router)
-    model = _model(cfg)
+    model = make_model(cfg).eval()
     dp = world // attn_tp
     ids = torch.randint(0, cfg.vocab_size, (dp * batch, prompt + steps), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
