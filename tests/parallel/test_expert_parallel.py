@@ -47,7 +47,7 @@ def _model_worker(rank, world, ep, router, batch, seq):
     return {"logit_err": float((logits - ref_logits[rank * batch:(rank + 1) * batch]).detach().abs().max()),
             "grad_err": grad_err, "norm_err": abs(float(norm) - float(ref_norm)) / float(ref_norm),
             "state_equal": state_equal, "counted": counted,
-            "received": [layer.mlp.last_dispatch.x_RD.shape[0] for layer in model.model.layers]}
+            "received": [layer.mlp.last_dispatch.received for layer in model.model.layers]}
 
 
 @pytest.mark.parametrize("world,ep,router", [(2, 2, "grouped"), (2, 2, "topk"), (4, 4, "grouped"),

@@ -41,6 +41,22 @@ class Dispatch:
     recv_splits: list[int]
     counts_exchanged: bool
 
+    def load(self) -> "DispatchLoad":
+        return DispatchLoad(self.send_splits, self.recv_splits, self.counts_exchanged)
+
+
+@dataclass(frozen=True)
+class DispatchLoad:
+    """How many rows one dispatch sent to and received from each rank (no tensors kept)."""
+
+    send_splits: list[int]
+    recv_splits: list[int]
+    counts_exchanged: bool
+
+    @property
+    def received(self) -> int:
+        return sum(self.recv_splits)
+
 
 class ExpertParallelDispatcher:
     """All-to-all dispatch over `group` (ep ranks) for `num_experts` experts placed contiguously.

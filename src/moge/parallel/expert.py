@@ -59,7 +59,7 @@ class ExpertParallelMoGEBlock(MoGEBlock):
         known = cfg.top_k_per_group * (cfg.num_groups // mesh.ep) if cfg.router == "grouped" else None
         self.dispatcher = ExpertParallelDispatcher(cfg.num_experts, mesh.ep_group, known)
         self.same_tokens_per_rank = same_tokens_per_rank
-        self.last_dispatch = None  # rows sent/received by the latest forward, for load reports
+        self.last_dispatch = None  # DispatchLoad of the latest forward: rows sent/received per rank
 
     def _tokens_per_rank(self, x_TD: Tensor) -> list[int] | None:
         if self.same_tokens_per_rank or self.dispatcher.slots_per_rank is None or self.mesh.ep == 1:
@@ -77,7 +77,7 @@ class ExpertParallelMoGEBlock(MoGEBlock):
         ones_R1 = torch.ones(d.x_RD.shape[0], 1, device=x.device)
         out_RD = self.experts(d.x_RD, d.local_expert_R.unsqueeze(1), ones_R1)
         y_TD = self.dispatcher.combine(out_RD, d, routing.weights_TK)
-        self.last_dispatch = d
+        self.last_dispatch = d.load()
         for expert in self._shared():
             y_TD = y_TD + expert(x_TD)
         y = y_TD.view(*lead, self.cfg.hidden_size)
