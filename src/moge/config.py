@@ -67,7 +67,7 @@ class MoEConfig:
             raise _bad("top_k", k, f"must be <= num_experts={n}")
         if self.router in ("grouped", "group_limited") or self.expert_to_group is not None:
             if n % m:
-                raise _bad("num_groups", m, f"must divide num_experts={n} (valid: {_divisors(n)})")
+                raise _bad("num_groups", m, f"must divide num_experts={n} (valid: {divisors(n)})")
         if self.router == "grouped":
             if k % m:
                 raise _bad("top_k", k, f"must be a multiple of num_groups={m} so every group keeps "
@@ -122,7 +122,7 @@ class MoEConfig:
         return [e // self.experts_per_group for e in range(self.num_experts)]
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -203,12 +203,12 @@ class ModelConfig:
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise _bad("num_heads", self.num_heads, f"must divide hidden_size={self.hidden_size} "
-                           f"(valid: {_divisors(self.hidden_size)}) unless head_dim is given")
+                           f"(valid: {divisors(self.hidden_size)}) unless head_dim is given")
         else:
             _positive("head_dim", self.head_dim)
         if self.num_heads % self.num_kv_heads:
             raise _bad("num_kv_heads", self.num_kv_heads, f"must divide num_heads={self.num_heads} "
-                       f"(valid: {_divisors(self.num_heads)})")
+                       f"(valid: {divisors(self.num_heads)})")
         if self.num_experts < 0:
             raise _bad("num_experts", self.num_experts, "must be >= 0 (0 = dense MLP)")
         if self.num_experts == 0:

@@ -32,6 +32,11 @@ from moge.config import ModelConfig, load_model_config
 from moge.io import atomic_write_text
 from moge.layer import MoGEBlock
 from moge.model import PanguProMoEForCausalLM
+from moge.parallel.expert import full_state_dict, shard_model, shard_state_dict
+from moge.parallel.launch import comm_device
+from moge.parallel.mesh import ExpertParallelMesh, check_expert_parallel
+from moge.parallel.training import (clip_grad_norm, load_optimizer_state_by_name, optimizer_state_by_name,
+                                    reduce_gradients)
 from moge.routing import Router
 
 AUX_SCOPES = ("micro", "global", "local")
@@ -212,10 +217,6 @@ class Trainer:
                              f"torchrun --nproc-per-node {cfg.expert_parallel} -m moge train ...")
         model = build_model(self.model_cfg, cfg)
         if self.world > 1:
-            from moge.parallel.expert import shard_model
-            from moge.parallel.launch import comm_device
-            from moge.parallel.mesh import ExpertParallelMesh, check_expert_parallel
-
             if self.model_cfg.is_moe:
                 check_expert_parallel(self.model_cfg.moe(), cfg.expert_parallel)
             elif cfg.expert_parallel > 1:
@@ -239,9 +240,6 @@ class Trainer:
     def save(self) -> Path:
         """Atomically write checkpoints/step-NNNNNN (model + trainer state), then point `latest` at it."""
         from moge.checkpoint import save_pretrained
-
-        from moge.parallel.expert import full_state_dict
-        from moge.parallel.training import optimizer_state_by_name
 
         # collective under torchrun: the expert shards and their optimizer state are gathered, rank 0 writes
         weights = full_state_dict(self.model, self.mesh)
@@ -305,14 +303,11 @@ class Trainer:
             load_state_dict_into(self.model, path)
         else:  # any expert-parallel size: read the whole model, keep this rank's expert shard
             from moge.checkpoint import load_pretrained
-            from moge.parallel.expert import shard_state_dict
 
             whole = load_pretrained(path).state_dict()
             self.model.load_state_dict(shard_state_dict(whole, self.mesh))
             del whole
         if "optimizer_by_name" in state:
-            from moge.parallel.training import load_optimizer_state_by_name
-
             load_optimizer_state_by_name(self.optimizer, self.model, state["optimizer_by_name"], self.mesh)
         elif self.mesh is None:  # checkpoints written before optimizer state was keyed by name
             self.optimizer.load_state_dict(state["optimizer"])
@@ -413,12 +408,8 @@ class Trainer:
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
         if self.mesh is not None:
-            from moge.parallel.training import reduce_gradients
-
             reduce_gradients(self.model, self.mesh)
             totals = self._mean_over_ranks(totals)
-        from moge.parallel.training import clip_grad_norm
-
         norm = clip_grad_norm(self.model.named_parameters(), cfg.grad_clip if cfg.grad_clip else 1e30, self.mesh)
         if not torch.isfinite(norm):
             raise TrainingError(f"non-finite gradient norm at step {self.step}; stopping without saving")

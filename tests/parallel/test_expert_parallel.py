@@ -13,7 +13,7 @@ from moge.experts import SwiGLUExperts
 from moge.parallel.dispatch import ExpertParallelDispatcher
 from moge.parallel.expert import ExpertParallelMoGEBlock, full_state_dict, is_expert_param, shard_model
 from moge.parallel.launch import spawn
-from moge.parallel.mesh import ExpertParallelMesh, check_expert_parallel, group_owner
+from moge.parallel.mesh import ExpertParallelMesh, check_expert_parallel
 from moge.parallel.training import clip_grad_norm, reduce_gradients
 from tiny_models import CFG, make_model
 
@@ -122,8 +122,10 @@ def test_uneven_and_empty_splits():
 
 def test_placement_is_contiguous_groups():
     # the paper's 8 groups on 4 expert-parallel ranks: groups 0,1 on rank 0, 2,3 on rank 1, ...
-    assert [group_owner(g, 8, 4) for g in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert [group_owner(g, 8, 8) for g in range(8)] == list(range(8))
+    ranks = [ExpertParallelMesh(world=4, rank=r, ep=4, ep_group=None, replica_group=None) for r in range(4)]
+    assert [list(m.expert_range(64)) for m in ranks] == [list(range(16 * r, 16 * r + 16)) for r in range(4)]
+    assert [list(range(8 * g, 8 * g + 8)) for g in (2, 3)] == [list(ranks[1].expert_range(64))[:8],
+                                                                 list(ranks[1].expert_range(64))[8:]]
 
 
 def test_invalid_expert_parallel_sizes_are_rejected():

@@ -47,7 +47,6 @@ class ExpertParallelMoGEBlock(MoGEBlock):
         self.cfg, self.mesh = cfg, mesh
         self.router = block.router
         local = mesh.expert_range(cfg.num_experts)
-        self.expert_offset = local.start
         self.experts = SwiGLUExperts(len(local), cfg.hidden_size, cfg.expert_intermediate_size, cfg.backend)
         self.experts.to(device=block.experts.gate_up_proj.device, dtype=block.experts.gate_up_proj.dtype)
         with torch.no_grad():

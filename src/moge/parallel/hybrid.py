@@ -32,10 +32,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moge.config import ModelConfig
+from moge.config import ModelConfig, divisors
 from moge.model import Attention, KVCache, ModelOutput, PanguProMoEForCausalLM, attention_inputs
 from moge.parallel.comm import all_gather, reduce_scatter
-from moge.parallel.mesh import _divisors
 
 
 @dataclass(frozen=True)
@@ -47,10 +46,6 @@ class HybridLayout:
     expert_tp: int
 
     @property
-    def attn_dp(self) -> int:
-        return self.world // self.attn_tp
-
-    @property
     def expert_ep(self) -> int:
         return self.world // self.expert_tp
 
@@ -59,22 +54,22 @@ class HybridLayout:
         w = self.world
         for name, size in (("attn_tp", self.attn_tp), ("expert_tp", self.expert_tp)):
             if not isinstance(size, int) or size < 1 or w % size:
-                raise ValueError(f"{name}={size!r} must divide the world size {w} (valid: {_divisors(w)})")
+                raise ValueError(f"{name}={size!r} must divide the world size {w} (valid: {divisors(w)})")
         for field, n in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads)):
             if n % self.attn_tp:
-                raise ValueError(f"attn_tp={self.attn_tp} must divide {field}={n} (valid: {_divisors(n)})")
+                raise ValueError(f"attn_tp={self.attn_tp} must divide {field}={n} (valid: {divisors(n)})")
         if not cfg.is_moe:
             raise ValueError("the H2P layout needs a model with routed experts (num_experts > 0)")
         if cfg.expert_intermediate_size % self.expert_tp:
             raise ValueError(f"expert_tp={self.expert_tp} must divide expert_intermediate_size="
-                             f"{cfg.expert_intermediate_size} (valid: {_divisors(cfg.expert_intermediate_size)})")
+                             f"{cfg.expert_intermediate_size} (valid: {divisors(cfg.expert_intermediate_size)})")
         if cfg.num_experts % self.expert_ep:
             raise ValueError(f"world/expert_tp={self.expert_ep} expert-parallel ranks must divide num_experts="
                              f"{cfg.num_experts}")
         if cfg.router in ("grouped", "group_limited") and cfg.num_groups % self.expert_ep:
             raise ValueError(f"world/expert_tp={self.expert_ep} expert-parallel ranks must divide num_groups="
                              f"{cfg.num_groups} so each rank owns whole groups (valid expert_tp: "
-                             f"{[w // e for e in _divisors(cfg.num_groups) if w % e == 0]})")
+                             f"{[w // e for e in divisors(cfg.num_groups) if w % e == 0]})")
         if cfg.shared_expert_intermediate_size <= 0:
             raise ValueError("the H2P layout splits the shared expert over all ranks: this model has none "
                              "(shared_expert_intermediate_size=0)")
@@ -185,11 +180,7 @@ class HybridModel(nn.Module):
 
     def _shard(self, x_TD: Tensor) -> Tensor:
         """This rank's rows of its DP group's tokens (padded to a multiple of attn_tp)."""
-        tp, t = self.layout.attn_tp, self.rank % self.layout.attn_tp
-        pad = (-x_TD.shape[0]) % tp
-        if pad:
-            x_TD = torch.cat([x_TD, x_TD.new_zeros(pad, x_TD.shape[1])])
-        return x_TD.chunk(tp)[t]
+        return self._pad(x_TD).chunk(self.layout.attn_tp)[self.rank % self.layout.attn_tp]
 
     def _gather_group(self, shard: Tensor, T: int) -> Tensor:
         return all_gather(shard, self.attn_group)[:T]

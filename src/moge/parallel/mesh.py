@@ -16,11 +16,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from moge.config import MoEConfig
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+from moge.config import MoEConfig, divisors
 
 
 def check_expert_parallel(cfg: MoEConfig, ep: int) -> None:
@@ -29,10 +25,10 @@ def check_expert_parallel(cfg: MoEConfig, ep: int) -> None:
         raise ValueError(f"expert_parallel={ep!r} is invalid: must be a positive integer")
     if cfg.num_experts % ep:
         raise ValueError(f"expert_parallel={ep} must divide num_experts={cfg.num_experts} "
-                         f"(valid: {_divisors(cfg.num_experts)})")
+                         f"(valid: {divisors(cfg.num_experts)})")
     if cfg.router in ("grouped", "group_limited") and cfg.num_groups % ep:
         raise ValueError(f"expert_parallel={ep} must divide num_groups={cfg.num_groups} so each rank owns "
-                         f"whole expert groups (valid: {_divisors(cfg.num_groups)})")
+                         f"whole expert groups (valid: {divisors(cfg.num_groups)})")
     if cfg.expert_to_group is not None:
         raise ValueError("expert_parallel needs contiguous expert groups (expert_to_group=None): groups are "
                          "placed on ranks by expert index")
@@ -69,7 +65,7 @@ class ExpertParallelMesh:
         world, rank = dist.get_world_size(), dist.get_rank()
         if not isinstance(ep, int) or ep < 1 or world % ep:
             raise ValueError(f"expert_parallel={ep!r} must divide the world size {world} "
-                             f"(valid: {_divisors(world)})")
+                             f"(valid: {divisors(world)})")
         ep_lists = [list(range(s, s + ep)) for s in range(0, world, ep)]
         replica_lists = [list(range(e, world, ep)) for e in range(ep)]
         timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else group_timeout()
@@ -82,7 +78,3 @@ class ExpertParallelMesh:
         per_rank = num_experts // self.ep
         return range(self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank)
 
-
-def group_owner(group: int, num_groups: int, ep: int) -> int:
-    """The expert-parallel rank that hosts expert group `group` (contiguous placement)."""
-    return group * ep // num_groups

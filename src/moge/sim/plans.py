@@ -27,14 +27,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from moge.config import ModelConfig
+from moge.config import ModelConfig, divisors
 
 DISPATCH_CHOICES = ("allgather", "alltoall")
 PLAN_PRESETS = ("h2p", "tp", "tp-ep", "ep", "dp")
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 @dataclass(frozen=True)
@@ -95,10 +91,10 @@ class ParallelPlan:
             raise ValueError(
                 f"devices={devices} is invalid for this plan: must be a multiple of attn_tp*attn_dp*pp="
                 f"{self.replica_devices} (one replica); valid plans for {devices} devices have "
-                f"attn_tp*attn_dp*pp in {_divisors(devices)}")
+                f"attn_tp*attn_dp*pp in {divisors(devices)}")
         if model.num_heads % self.attn_tp:
             raise ValueError(f"attn_tp={self.attn_tp} is invalid: must divide num_heads={model.num_heads} "
-                             f"(valid: {_divisors(model.num_heads)})")
+                             f"(valid: {divisors(model.num_heads)})")
         kv = model.num_kv_heads
         if kv % self.attn_tp and self.attn_tp % kv:
             raise ValueError(f"attn_tp={self.attn_tp} is invalid: must divide num_kv_heads={kv} or be a "
@@ -108,7 +104,7 @@ class ParallelPlan:
         stage = self.stage_devices
         if stage % self.dense_tp:
             raise ValueError(f"dense_tp={self.dense_tp} is invalid: must divide the stage's devices "
-                             f"attn_tp*attn_dp={stage} (valid: {_divisors(stage)})")
+                             f"attn_tp*attn_dp={stage} (valid: {divisors(stage)})")
         width = model.shared_expert_intermediate_size if model.is_moe else model.intermediate_size
         if width and width % self.dense_tp:
             field = "shared_expert_intermediate_size" if model.is_moe else "intermediate_size"
@@ -120,7 +116,7 @@ class ParallelPlan:
                              f"the stage's devices attn_tp*attn_dp={stage} (every device holds experts)")
         if model.num_experts % self.expert_ep:
             raise ValueError(f"expert_ep={self.expert_ep} is invalid: must divide num_experts="
-                             f"{model.num_experts} (valid: {_divisors(model.num_experts)})")
+                             f"{model.num_experts} (valid: {divisors(model.num_experts)})")
         if model.expert_intermediate_size % self.expert_tp:
             raise ValueError(f"expert_tp={self.expert_tp} is invalid: must divide expert_intermediate_size="
                              f"{model.expert_intermediate_size}")
@@ -135,7 +131,7 @@ class ParallelPlan:
 
 
 def _largest_divisor_at_most(n: int, cap: int, ok) -> int:
-    for d in sorted(_divisors(n), reverse=True):
+    for d in sorted(divisors(n), reverse=True):
         if d <= cap and ok(d):
             return d
     return 1
@@ -158,7 +154,7 @@ def plan_preset(name: str, model: ModelConfig, devices: int, pp: int = 1) -> Par
         raise ValueError(f"plan={name!r} is invalid: choose one of {PLAN_PRESETS} or give explicit sizes")
     if not isinstance(pp, int) or pp <= 0 or devices % pp:
         raise ValueError(f"pp={pp} is invalid: must be a positive divisor of devices={devices} "
-                         f"(valid: {_divisors(devices)})")
+                         f"(valid: {divisors(devices)})")
     if name == "dp":
         return ParallelPlan(pp=pp, name="dp")
     stage = devices // pp
@@ -187,13 +183,13 @@ def candidate_plans(model: ModelConfig, devices: int, max_pp: int = 1, rewrite_o
     """Every valid plan for `devices` devices (replicas x pp x stage), for the plan search."""
     plans: list[ParallelPlan] = []
     seen = set()
-    for pp in _divisors(devices):
+    for pp in divisors(devices):
         if pp > max_pp or pp > model.num_layers:
             continue
-        for stage in _divisors(devices // pp):
-            for a_tp in _divisors(stage):
+        for stage in divisors(devices // pp):
+            for a_tp in divisors(stage):
                 a_dp = stage // a_tp
-                expert_splits = ([(stage // ep, ep) for ep in _divisors(stage)] if model.is_moe else [(1, 1)])
+                expert_splits = ([(stage // ep, ep) for ep in divisors(stage)] if model.is_moe else [(1, 1)])
                 dense_tps = sorted({a_tp, stage})
                 for e_tp, e_ep in expert_splits:
                     for d_tp in dense_tps:
