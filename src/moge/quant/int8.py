@@ -82,7 +82,9 @@ def int8_mm(a_MK: Tensor, b_NK: Tensor) -> Tensor:
                          f"(both must be [*, K])")
     if a_MK.device.type == "cuda":
         return _int_mm_padded(a_MK, b_NK)
-    if int8_kernel() == "int32":
+    # K = 1 (an outer product) goes to the int32 kernel whatever is chosen: torch 2.13's _int_mm on
+    # AVX512-VNNI CPUs returns uninitialised memory for a contiguous [M, 1] operand (strides (1, 1)).
+    if int8_kernel() == "int32" or a_MK.shape[1] == 1:
         return torch.mm(a_MK.to(torch.int32), b_NK.to(torch.int32).t())
     return torch._int_mm(a_MK, b_NK.t())
 
