@@ -31,8 +31,8 @@ import time
 import torch
 
 from moge.config import PRESETS, ModelConfig
-from moge.generate import Sampling, generate
-from moge.model import KVCache, PanguProMoEForCausalLM
+from moge.inference.generate import Sampling, generate
+from moge.nn.model import KVCache, PanguProMoEForCausalLM
 
 
 def build_ours(cfg: ModelConfig, seed: int) -> PanguProMoEForCausalLM:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from moge.config import MoEConfig
-from moge.layer import MoGEBlock
+from moge.nn.moe import MoGEBlock
 
 
 def make_hf_block(d: int, n: int, k: int, f: int, shared: int, impl: str):

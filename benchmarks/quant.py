@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from moge.checkpoint import load_pretrained
-from moge.generate import Sampling, generate
+from moge.inference.generate import Sampling, generate
 from moge.quant import (balanced_calibration_set, int8_kernel, int8_linear, int8_mm, quantize_model,
                         quantize_per_channel, quantize_per_token, set_int8_kernel, weight_memory)
-from moge.train import TrainData
+from moge.train.trainer import TrainData
 
 
 @torch.no_grad()

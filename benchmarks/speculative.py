@@ -33,9 +33,9 @@ import torch
 
 from moge.checkpoint import load_pretrained
 from moge.config import PRESETS
-from moge.generate import Sampling, generate
-from moge.model import KVCache, PanguProMoEForCausalLM
-from moge.speculative import speculative_generate
+from moge.inference.generate import Sampling, generate
+from moge.nn.model import KVCache, PanguProMoEForCausalLM
+from moge.inference.speculative import speculative_generate
 
 
 def logged_val(run_dir: Path, step: int | None = None) -> dict[str, float] | None:
@@ -55,7 +55,7 @@ def split_val(val: dict[str, float]) -> tuple[dict[str, float], dict[str, float]
 
 
 def load_prompts(data: str, per_domain: int, prompt_len: int) -> list[list[int]]:
-    from moge.train import TrainData
+    from moge.train.trainer import TrainData
 
     td = TrainData(data, seq_len=prompt_len)
     prompts = []

@@ -24,9 +24,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moge.balance import aux_loss
+from moge.nn.losses import aux_loss
 from moge.config import PRESETS
-from moge.model import PanguProMoEForCausalLM
+from moge.nn.model import PanguProMoEForCausalLM
 
 
 def hf_model(cfg, impl: str):

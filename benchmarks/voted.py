@@ -28,11 +28,11 @@ import torch.nn.functional as F
 
 from moge.checkpoint import load_pretrained
 from moge.config import PRESETS
-from moge.generate import Sampling, generate
-from moge.layer import MoGEBlock
-from moge.model import KVCache
-from moge.routing import set_num_voted_experts
-from moge.train import TrainData
+from moge.inference.generate import Sampling, generate
+from moge.nn.moe import MoGEBlock
+from moge.nn.model import KVCache
+from moge.nn.routing import set_num_voted_experts
+from moge.train.trainer import TrainData
 
 
 def _windows(data: TrainData, per_domain: int) -> list[torch.Tensor]:

@@ -10,11 +10,11 @@ import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moge.balance import (GlobalBatchAuxLoss, LoadTracker, aux_loss, coactivation, contiguous_device_map,
-                          device_loads, imbalance_score, intra_group_share, load_stats, local_group_aux_loss,
-                          sample_experts, simulate_imbalance, z_loss)
+from moge.metrics import (LoadTracker, coactivation, contiguous_device_map, device_loads, imbalance_score,
+                          intra_group_share, load_stats, sample_experts, simulate_imbalance)
+from moge.nn.losses import GlobalBatchAuxLoss, aux_loss, local_group_aux_loss, z_loss
 from moge.config import MoEConfig
-from moge.routing import route
+from moge.nn.routing import route
 
 
 def test_aux_loss_hand_calculation():
@@ -54,7 +54,7 @@ def test_z_loss_hand_calculation():
 
 
 def test_losses_do_not_change_outputs_and_have_gradients():
-    from moge.layer import MoGEBlock
+    from moge.nn.moe import MoGEBlock
 
     torch.manual_seed(0)
     block = MoGEBlock(MoEConfig(hidden_size=16, num_experts=8, num_groups=4, top_k=4, expert_intermediate_size=8))

@@ -15,8 +15,8 @@ __all__ = ["MoEConfig", "ModelConfig", "PRESETS", "load_model_config", "__versio
 # already has. The config registers as soon as `AutoConfig` exists; the model only with
 # `AutoModelForCausalLM`, since its module is still half-imported when `AutoConfig` first loads.
 _REGISTER_AFTER = {
-    "transformers.models.auto.configuration_auto": ("moge.hf_config", "register_config"),
-    "transformers.models.auto.modeling_auto": ("moge.hf", "register_model"),
+    "transformers.models.auto.configuration_auto": ("moge.hf.config", "register_config"),
+    "transformers.models.auto.modeling_auto": ("moge.hf.model", "register_model"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Atomic file writes: a crash mid-write never leaves a half-written file in place."""
+"""File output: atomic writes (a crash mid-write never leaves a half-written file in place) and PNG figures."""
 
 from __future__ import annotations
 
@@ -33,3 +33,12 @@ def _umask() -> int:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as PNG and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -15,8 +15,8 @@ from moge import checkpoint as ck
 from moge.checkpoint import (CheckpointError, from_release_state_dict, load_pretrained, load_state_dict_into,
                              release_state_dict, save_pretrained)
 from moge.config import PRESETS
-from moge.model import PanguProMoEForCausalLM
-from moge.routing import Router
+from moge.nn.model import PanguProMoEForCausalLM
+from moge.nn.routing import Router
 
 # Same structure as the release, small: 2 layers, 8 experts in 4 groups, shared expert, biases.
 SMALL = PRESETS["moge-tiny"].replace(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,

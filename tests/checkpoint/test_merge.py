@@ -5,8 +5,8 @@ import torch
 
 from moge.checkpoint import load_pretrained, save_pretrained
 from moge.config import PRESETS
-from moge.merge import merge_checkpoints, merge_state_dicts
-from moge.model import PanguProMoEForCausalLM
+from moge.checkpoint.merge import merge_checkpoints, merge_state_dicts
+from moge.nn.model import PanguProMoEForCausalLM
 
 CFG = PRESETS["moge-tiny"].replace(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                                    num_experts=4, top_k=2, num_groups=2, expert_intermediate_size=8,

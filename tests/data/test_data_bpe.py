@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moge.data import bpe
-from moge.tokenizer import load_tokenizer
+from moge.inference.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

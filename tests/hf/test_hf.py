@@ -14,9 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa:
 
 from moge.checkpoint import save_pretrained  # noqa: E402
 from moge.config import PRESETS, ModelConfig  # noqa: E402
-from moge.generate import generate  # noqa: E402
-from moge.hf import PanguProMoEConfig, PanguProMoEForCausalLM  # noqa: E402
-from moge.model import PanguProMoEForCausalLM as OurModel  # noqa: E402
+from moge.inference.generate import generate  # noqa: E402
+from moge.hf.model import PanguProMoEConfig, PanguProMoEForCausalLM  # noqa: E402
+from moge.nn.model import PanguProMoEForCausalLM as OurModel  # noqa: E402
 
 TINY = PRESETS["moge-tiny"].replace(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                     num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,

@@ -13,10 +13,10 @@ from moge.checkpoint import load_pretrained, save_pretrained
 from moge.cli import main
 from moge.commands.train import add_train_arguments, train_config_from_args
 from moge.config import PRESETS, ModelConfig
-from moge.generate import Sampling, generate, sampling_probs
-from moge.model import KVCache, PanguProMoEForCausalLM
-from moge.speculative import speculative_generate
-from moge.train import TrainConfig, Trainer, build_model
+from moge.inference.generate import Sampling, generate, sampling_probs
+from moge.nn.model import KVCache, PanguProMoEForCausalLM
+from moge.inference.speculative import speculative_generate
+from moge.train.trainer import TrainConfig, Trainer, build_model
 
 TINY = PRESETS["moge-tiny"].replace(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                     num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,

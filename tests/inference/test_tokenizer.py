@@ -10,7 +10,7 @@ import sentencepiece
 from tokenizers import Tokenizer as HFRawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from moge.tokenizer import (RELEASE_TURN_END_ID, HFTokenizer, SentencePieceTokenizer, chat_prompt,
+from moge.inference.tokenizer import (RELEASE_TURN_END_ID, HFTokenizer, SentencePieceTokenizer, chat_prompt,
                             load_tokenizer)
 
 SPECIALS = ["[unused9]", "[unused10]", "[unused16]", "[unused17]"]

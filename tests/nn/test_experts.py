@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moge.experts import SwiGLUExperts, combine, linear, permute, reference_experts
+from moge.nn.experts import SwiGLUExperts, combine, linear, permute, reference_experts
 
 BACKENDS = ["loop", "grouped_mm"]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from moge.config import PRESETS
-from moge.generate import Sampling, generate
-from moge.model import KVCache, PanguProMoEForCausalLM
+from moge.inference.generate import Sampling, generate
+from moge.nn.model import KVCache, PanguProMoEForCausalLM
 
 TINY = PRESETS["moge-tiny"].replace(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                     num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from moge.config import MoEConfig
-from moge.layer import MoGEBlock
+from moge.nn.moe import MoGEBlock
 
 
 def spec_reference(block: MoGEBlock, h: torch.Tensor) -> torch.Tensor:

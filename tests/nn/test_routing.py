@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moge.config import MoEConfig
-from moge.routing import Router, group_limited_topk, grouped_topk, route
+from moge.nn.routing import Router, group_limited_topk, grouped_topk, route
 
 
 @st.composite

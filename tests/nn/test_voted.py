@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moge.config import PRESETS, ModelConfig, MoEConfig
-from moge.layer import MoGEBlock
-from moge.routing import grouped_topk, route, set_num_voted_experts, vote_experts
+from moge.nn.moe import MoGEBlock
+from moge.nn.routing import grouped_topk, route, set_num_voted_experts, vote_experts
 
 
 def test_hand_worked_example():

@@ -11,7 +11,7 @@ from moge.config import PRESETS
 from moge.data.corpus import Document
 from moge.data.prepare import prepare
 from moge.data.sources import Source
-from moge.model import PanguProMoEForCausalLM
+from moge.nn.model import PanguProMoEForCausalLM
 
 
 def _summary(capsys, argv):

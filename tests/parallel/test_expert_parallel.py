@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moge.config import MoEConfig
-from moge.experts import SwiGLUExperts
+from moge.nn.experts import SwiGLUExperts
 from moge.parallel.dispatch import ExpertParallelDispatcher
 from moge.parallel.expert import ExpertParallelMoGEBlock, full_state_dict, is_expert_param, shard_model
 from moge.parallel.launch import spawn
@@ -97,7 +97,7 @@ def _dispatch_worker(rank, world):
         bad_world = str(e)
     # MoGE with a different number of tokens on each rank (as in generation): the block learns the
     # counts from one all-gathered integer per rank
-    from moge.layer import MoGEBlock
+    from moge.nn.moe import MoGEBlock
 
     torch.manual_seed(1)
     full = MoGEBlock(MoEConfig(hidden_size=16, num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16))
@@ -148,14 +148,14 @@ def test_mesh_needs_an_initialised_process_group():
 
 def test_block_rejects_groups_split_across_ranks():
     block_cfg = CFG.replace(num_experts=8, num_groups=2, top_k=2).moe()
-    from moge.layer import MoGEBlock
+    from moge.nn.moe import MoGEBlock
     mesh = ExpertParallelMesh(world=4, rank=0, ep=4, ep_group=None, replica_group=None)
     with pytest.raises(ValueError, match="num_groups=2"):
         ExpertParallelMoGEBlock(MoGEBlock(block_cfg), mesh)
 
 
 def _generate_worker(rank, world, router):
-    from moge.generate import generate
+    from moge.inference.generate import generate
 
     cfg = CFG.replace(router=router)
     model = make_model(cfg).eval()

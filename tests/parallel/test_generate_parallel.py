@@ -12,7 +12,7 @@ import torch
 from moge.checkpoint import save_pretrained
 from moge.cli import main
 from moge.config import PRESETS
-from moge.model import PanguProMoEForCausalLM
+from moge.nn.model import PanguProMoEForCausalLM
 
 CFG = PRESETS["moge-tiny"].replace(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                    num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,

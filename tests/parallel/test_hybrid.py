@@ -4,7 +4,7 @@ real gloo process groups equals the single-process model, for prefill and cached
 import pytest
 import torch
 
-from moge.model import KVCache
+from moge.nn.model import KVCache
 from moge.parallel.hybrid import HybridLayout, HybridModel
 from moge.parallel.launch import spawn
 from tiny_models import CFG, make_model

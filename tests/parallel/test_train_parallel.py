@@ -17,7 +17,7 @@ import torch
 from moge.checkpoint import load_pretrained
 from moge.config import PRESETS
 from moge.parallel.launch import spawn
-from moge.train import TrainConfig, Trainer, load_data
+from moge.train.trainer import TrainConfig, Trainer, load_data
 
 def _cfg(corpus, out, **kw):
     base = dict(model=str(corpus / "tiny.json"), data=str(corpus / "data"), out=str(out), steps=3, batch_size=4,
@@ -122,7 +122,7 @@ def _failing_worker(rank, world, init_file, mode, out_file):
 
     import torch.distributed as dist
 
-    from moge.layer import MoGEBlock
+    from moge.nn.moe import MoGEBlock
     from moge.parallel.expert import ExpertParallelMoGEBlock
     from moge.parallel.launch import DistributedError, peer_failures_as_errors
     from moge.parallel.mesh import ExpertParallelMesh

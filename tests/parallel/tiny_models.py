@@ -4,7 +4,7 @@ spawned workers)."""
 import torch
 
 from moge.config import PRESETS
-from moge.model import PanguProMoEForCausalLM
+from moge.nn.model import PanguProMoEForCausalLM
 
 # 4 heads / 2 KV heads, 8 experts in 4 groups, shared expert 24 wide: divisible by 2 and 4 ranks
 CFG = PRESETS["moge-tiny"].replace(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,

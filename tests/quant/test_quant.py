@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from moge.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from moge.config import PRESETS
-from moge.experts import SwiGLUExperts
-from moge.generate import generate
+from moge.nn.experts import SwiGLUExperts
+from moge.inference.generate import generate
 from moge.quant import (QuantExperts, QuantLinear, balanced_calibration_set, dequantize, int8_kernel,
                         int8_mm, load_quantized, quantize_model, quantize_per_channel, quantize_per_token,
                         save_quantized, set_int8_kernel, weight_memory)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from moge.balance import expected_max_load
+from moge.metrics import expected_max_load
 from moge.config import PRESETS
 from moge.sim.hardware import load_hardware
 from moge.sim.simulate import Scenario, simulate

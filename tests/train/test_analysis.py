@@ -2,9 +2,9 @@
 
 import torch
 
-from moge.analysis import analyze, collect_routing, imbalance_by_batch_size, plot_analysis
+from moge.train.analysis import analyze, collect_routing, imbalance_by_batch_size, plot_analysis
 from moge.config import PRESETS
-from moge.model import PanguProMoEForCausalLM
+from moge.nn.model import PanguProMoEForCausalLM
 
 CFG = PRESETS["moge-tiny"].replace(vocab_size=64, hidden_size=32, num_layers=3, num_heads=2, num_kv_heads=1,
                                    num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=8,

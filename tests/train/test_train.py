@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moge.cli import main
-from moge.train import TrainConfig, Trainer, TrainingError, load_data
+from moge.train.trainer import TrainConfig, Trainer, TrainingError, load_data
 
 
 def _cfg(corpus, tmp_path, **kw):
@@ -124,7 +124,7 @@ def test_cli_train_resume_analyze_end_to_end(corpus, tmp_path, capsys):
 
 
 def test_lr_schedule_shape():
-    from moge.train import lr_at
+    from moge.train.trainer import lr_at
 
     cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
@@ -135,7 +135,7 @@ def test_lr_schedule_shape():
 
 
 def test_compare_report_on_generated_corpus(corpus, tmp_path):
-    from moge.compare import run_compare
+    from moge.train.compare import run_compare
 
     cfg = _cfg(corpus, tmp_path, steps=4, eval_every=2, save_every=2, batch_size=2)
     report = run_compare(cfg, tmp_path / "cmp", load_data(cfg), progress=False, log=lambda _m: None)

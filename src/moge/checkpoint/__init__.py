@@ -34,9 +34,9 @@ from torch import Tensor, nn
 
 from moge.config import ModelConfig
 from moge.io import atomic_write_bytes, atomic_write_text
-from moge.layer import MoGEBlock
-from moge.model import PanguProMoEForCausalLM
-from moge.routing import Router
+from moge.nn.moe import MoGEBlock
+from moge.nn.model import PanguProMoEForCausalLM
+from moge.nn.routing import Router
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -264,7 +264,7 @@ def load_pretrained(directory: str | Path, *, dtype: torch.dtype | str | None = 
     target = resolve_dtype(dtype)
     cfg = read_config(directory)
     if "quantization_config" in cfg.extra:
-        from moge.quant.checkpoint import load_quantized
+        from moge.checkpoint.quantized import load_quantized
 
         return load_quantized(directory, dtype=target, device=device)
     source = _Source.open(directory, allow_pickle=allow_pickle)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moge.model import PanguProMoEForCausalLM
+from moge.nn.model import PanguProMoEForCausalLM
 
 
 def merge_state_dicts(base: Mapping[str, Tensor], groups: Sequence[Sequence[Mapping[str, Tensor]]],

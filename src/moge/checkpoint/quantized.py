@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from moge.checkpoint import (CONFIG_NAME, INDEX_NAME, SINGLE_FILE_NAME, CheckpointError, _add_expert_bias_where_saved,
                              _corrupt, _listing, _meta_model, _rebuild_non_persistent_buffers, _safetensors_headers,
                              read_config, resolve_dtype)
-from moge.experts import SwiGLUExperts
+from moge.nn.experts import SwiGLUExperts
 from moge.io import atomic_write_bytes, atomic_write_text
 from moge.quant.experts import QuantExperts
 from moge.quant.int8 import QMAX, QuantLinear

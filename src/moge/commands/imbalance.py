@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from moge.balance import ImbalanceStudy, simulate_imbalance
+from moge.metrics import ImbalanceStudy, simulate_imbalance
 
 SWEEP_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 

@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_params(args: argparse.Namespace) -> int:
     from moge.config import load_model_config
-    from moge.model import PanguProMoEForCausalLM
+    from moge.nn.model import PanguProMoEForCausalLM
 
     cfg = load_model_config(args.model)
     with torch.device("meta"):
@@ -116,8 +116,8 @@ def _split(model, parallel: str, args: argparse.Namespace):
 
 def _generate(args: argparse.Namespace, parallel: str | None) -> int:
     from moge.checkpoint import load_pretrained
-    from moge.generate import Sampling, generate
-    from moge.tokenizer import chat_prompt, load_tokenizer
+    from moge.inference.generate import Sampling, generate
+    from moge.inference.tokenizer import chat_prompt, load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,7 +152,7 @@ def _generate(args: argparse.Namespace, parallel: str | None) -> int:
             sys.stdout.write(tok.decode([token]))
             sys.stdout.flush()
     if args.speculative:
-        from moge.speculative import speculative_generate
+        from moge.inference.speculative import speculative_generate
 
         res = speculative_generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
                                    stop_ids=stop, on_token=on_token, num_draft=args.num_draft)

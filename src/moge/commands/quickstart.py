@@ -28,11 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moge.balance import LoadTracker
+    from moge.metrics import LoadTracker
     from moge.data.prepare import prepare
-    from moge.generate import Sampling, generate
-    from moge.tokenizer import load_tokenizer
-    from moge.train import TrainConfig, Trainer, load_data
+    from moge.inference.generate import Sampling, generate
+    from moge.inference.tokenizer import load_tokenizer
+    from moge.train.trainer import TrainConfig, Trainer, load_data
 
     say = (lambda m: print(m, file=sys.stderr))
     manifest = prepare(args.data, progress=not args.json, log=say)

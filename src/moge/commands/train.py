@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from moge.train import AUX_SCOPES, TrainConfig
+from moge.train.trainer import AUX_SCOPES, TrainConfig
 
 # `moge compare` trains four models: the defaults are sized for about 15 minutes on 2 CPU cores.
 COMPARE_DEFAULTS = TrainConfig(out="runs/compare", steps=300, eval_every=100, save_every=100)
@@ -159,7 +159,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, cfg: TrainConfig, rank: int) -> int:
-    from moge.train import Trainer, TrainingError, load_data
+    from moge.train.trainer import Trainer, TrainingError, load_data
 
     def say(msg: str) -> None:
         if rank == 0:
@@ -189,8 +189,8 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, rank: int) -> int:
 
 
 def run_compare_cmd(args: argparse.Namespace) -> int:
-    from moge.compare import run_compare
-    from moge.train import load_data
+    from moge.train.compare import run_compare
+    from moge.train.trainer import load_data
 
     cfg = train_config_from_args(args, COMPARE_DEFAULTS)
     data = load_data(cfg)
@@ -209,9 +209,9 @@ def run_compare_cmd(args: argparse.Namespace) -> int:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from moge.analysis import analyze, collect_routing, plot_analysis, write_report
+    from moge.train.analysis import analyze, collect_routing, plot_analysis, write_report
     from moge.checkpoint import load_pretrained
-    from moge.train import TrainData
+    from moge.train.trainer import TrainData
 
     model = load_pretrained(args.ckpt)
     data = TrainData(args.data, seq_len=args.seq_len)
@@ -236,7 +236,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from moge.merge import merge_checkpoints
+    from moge.checkpoint.merge import merge_checkpoints
 
     if len(args.group) != len(args.lam):
         raise ValueError(f"got {len(args.group)} --group but {len(args.lam)} --lam: give one --lam per --group")

@@ -1,6 +1,6 @@
 """`PanguProMoEConfig`: the release's config.json as a transformers config (`model_type` "PanguProMoE").
 
-It lives apart from moge.hf because transformers loads its config registry while its own modelling
+It lives apart from moge.hf.model because transformers loads its config registry while its own modelling
 module is still half-imported; registering the config must therefore import nothing heavier than
 `transformers.configuration_utils`. `moge.config.ModelConfig` stays the one source of truth: the
 defaults here are its `to_hf_dict()`, and `moge_config()` converts back with `from_hf_dict`.

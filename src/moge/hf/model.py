@@ -25,8 +25,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moge import checkpoint
-from moge.hf_config import PanguProMoEConfig, register_config
-from moge.model import PanguProMoEForCausalLM as MoGECausalLM
+from moge.hf.config import PanguProMoEConfig, register_config
+from moge.nn.model import PanguProMoEForCausalLM as MoGECausalLM
 
 __all__ = ["PanguProMoEConfig", "PanguProMoEForCausalLM", "register", "register_model"]
 

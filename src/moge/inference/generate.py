@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moge.config import ModelConfig
-from moge.model import KVCache, PanguProMoEForCausalLM
+from moge.nn.model import KVCache, PanguProMoEForCausalLM
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moge.generate import GenerationResult, Sampling, check_prompts, left_pad, sample_next, sampling_probs
-from moge.model import KVCache, PanguProMoEForCausalLM
+from moge.inference.generate import GenerationResult, Sampling, check_prompts, left_pad, sample_next, sampling_probs
+from moge.nn.model import KVCache, PanguProMoEForCausalLM
 
 
 @dataclass

@@ -8,7 +8,7 @@ Attention is GQA with biases on q, k, v and o, RoPE over the full head dim (rota
 experts). Parameter names follow the release (`model.layers.{i}.self_attn.q_proj.weight`, ...);
 only the routed experts are stacked, and checkpoint.py maps them to the per-expert keys.
 An optional multi-token-prediction module (`MTPModule`, `model.mtp.0.*`, `mtp_forward`) predicts
-token t+2 for MTP training and speculative decoding (moge.speculative).
+token t+2 for MTP training and speculative decoding (moge.inference.speculative).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moge.config import ModelConfig
-from moge.experts import linear
-from moge.layer import Linear, MoGEBlock, SwiGLU
-from moge.routing import RoutingResult
+from moge.nn.experts import linear
+from moge.nn.moe import Linear, MoGEBlock, SwiGLU
+from moge.nn.routing import RoutingResult
 
 
 class RMSNorm(nn.Module):

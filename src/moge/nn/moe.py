@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moge.config import MoEConfig
-from moge.experts import SwiGLUExperts, linear
-from moge.routing import Router, RoutingResult
+from moge.nn.experts import SwiGLUExperts, linear
+from moge.nn.routing import Router, RoutingResult
 
 
 class Linear(nn.Linear):

@@ -97,10 +97,10 @@ def _worker(rank: int, world: int, cfg: BenchConfig) -> list[dict]:
     """One rank: every (source, router, tokens) case, `repeats` timed steps after one warm-up."""
     import torch.distributed as dist
 
-    from moge.experts import SwiGLUExperts
+    from moge.nn.experts import SwiGLUExperts
     from moge.parallel.dispatch import ExpertParallelDispatcher
     from moge.parallel.mesh import ExpertParallelMesh, check_expert_parallel
-    from moge.routing import route
+    from moge.nn.routing import route
 
     mesh = ExpertParallelMesh.build(world)
     n, per = cfg.num_experts, cfg.num_experts // world
@@ -289,7 +289,7 @@ def plot(summary: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from moge.analysis import save_figure
+    from moge.io import save_figure
 
     sources = sorted({s["source"] for s in summary})
     fig, axes = plt.subplots(len(sources), 2, figsize=(11, 3.6 * len(sources)), squeeze=False)

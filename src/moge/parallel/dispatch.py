@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moge.experts import combine, permute
+from moge.nn.experts import combine, permute
 from moge.parallel.comm import all_to_all
 
 

@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moge.experts import SwiGLUExperts
-from moge.layer import MoGEBlock
+from moge.nn.experts import SwiGLUExperts
+from moge.nn.moe import MoGEBlock
 from moge.parallel.dispatch import ExpertParallelDispatcher
 from moge.parallel.mesh import ExpertParallelMesh, check_expert_parallel
-from moge.routing import RoutingResult
+from moge.nn.routing import RoutingResult
 
 EXPERT_KEY = ".mlp.experts."
 

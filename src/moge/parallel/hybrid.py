@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moge.config import ModelConfig, divisors
-from moge.model import Attention, KVCache, ModelOutput, PanguProMoEForCausalLM, attention_inputs
+from moge.nn.model import Attention, KVCache, ModelOutput, PanguProMoEForCausalLM, attention_inputs
 from moge.parallel.comm import all_gather, reduce_scatter
 
 

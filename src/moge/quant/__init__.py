@@ -10,7 +10,7 @@ integer matmul, expert-aware smoothing and router-aligned calibration (arXiv 250
 """
 
 from moge.quant.calibrate import CalibrationSet, balanced_calibration_set
-from moge.quant.checkpoint import is_quantized_checkpoint, load_quantized, quantization_config, save_quantized
+from moge.checkpoint.quantized import is_quantized_checkpoint, load_quantized, quantization_config, save_quantized
 from moge.quant.experts import QuantExperts
 from moge.quant.int8 import (QuantLinear, dequantize, int8_kernel, int8_linear, int8_mm, quantize_per_channel,
                              quantize_per_token, set_int8_kernel)

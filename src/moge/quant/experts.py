@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moge.experts import SwiGLUExperts, permute
+from moge.nn.experts import SwiGLUExperts, permute
 from moge.quant.int8 import dequantize, int8_linear, int8_mm, quantize_per_channel, quantize_per_token
 
 

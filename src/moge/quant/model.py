@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moge.layer import MoGEBlock
+from moge.nn.moe import MoGEBlock
 from moge.quant.experts import QuantExperts
 from moge.quant.int8 import QuantLinear
 from moge.quant.smoothing import smooth_attention, smooth_mlp
@@ -152,7 +152,7 @@ def quantize_model(model: nn.Module, calibration_ids: Tensor | None = None, *, a
     if calibration_ids.dim() != 2 or calibration_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"calibration_ids must be an integer tensor [windows, seq_len], got "
                          f"{calibration_ids.dtype} of shape {tuple(calibration_ids.shape)}")
-    from moge.model import rope_cos_sin
+    from moge.nn.model import rope_cos_sin
 
     ref = copy.deepcopy(model)  # the float model, untouched, for the alignment targets
     cfg = model.config

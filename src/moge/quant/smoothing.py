@@ -97,7 +97,7 @@ def smooth_mlp(norm, mlp, act_max_D: Tensor, alpha: float) -> Tensor:
     """Fold the smoothing of the MLP input into `norm` (post_attention_layernorm) and every reader
     of it: expert-aware factors for a float MoGE block, SmoothQuant factors for a dense SwiGLU.
     Returns s."""
-    from moge.layer import MoGEBlock
+    from moge.nn.moe import MoGEBlock
 
     if isinstance(mlp, MoGEBlock):
         router, gate_up, shared = moe_consumers(mlp)

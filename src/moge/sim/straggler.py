@@ -14,7 +14,7 @@ Routing models (`parse_routing`):
     trace:FILE    a measured trace: JSON or .npy of expert ids [T, K] (tokens are resampled)
                   or of per-expert counts [N] (used as popularity weights)
 
-The Monte Carlo (built on moge.balance) runs once per (routing, N, K, groups), for all EP sizes, over
+The Monte Carlo (built on moge.metrics) runs once per (routing, N, K, groups), for all EP sizes, over
 a fixed grid of token counts and is cached; other token counts are interpolated (linearly, which
 keeps the expected maxima non-decreasing in tokens); beyond the grid the busiest device keeps the
 max/mean ratio of the last grid point (slightly pessimistic for unskewed routing, right for a
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moge.balance import contiguous_device_map, expert_counts, sample_experts
+from moge.metrics import contiguous_device_map, expert_counts, sample_experts
 from moge.config import ModelConfig
 
 TOKEN_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 2048, 4096)

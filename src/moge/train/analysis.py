@@ -6,7 +6,7 @@
   - the global per-expert token share, and device imbalance on real routing per batch size.
 
 `collect_routing` runs the model over labelled token windows and keeps only expert ids; every
-statistic is then a pure function of that trace (moge.balance).
+statistic is then a pure function of that trace (moge.metrics).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moge.balance import (coactivation, contiguous_device_map, device_loads, intra_group_share, load_stats,
+from moge.io import save_figure
+from moge.metrics import (coactivation, contiguous_device_map, device_loads, intra_group_share, load_stats,
                           max_over_mean)
-from moge.model import PanguProMoEForCausalLM
+from moge.nn.model import PanguProMoEForCausalLM
 
 
 @dataclass
@@ -164,15 +165,6 @@ def plot_analysis(stats: dict, out_dir: Path, title: str = "") -> list[Path]:
     fig.tight_layout()
     paths.append(save_figure(fig, out_dir / "expert_share.png"))
     return paths
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Write a matplotlib figure as PNG and free it."""
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def write_report(stats: dict, out_dir: Path) -> Path:

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from moge.analysis import collect_routing, imbalance_by_batch_size, save_figure
-from moge.balance import load_stats
+from moge.io import save_figure
+from moge.train.analysis import collect_routing, imbalance_by_batch_size
+from moge.metrics import load_stats
 from moge.io import atomic_write_text
-from moge.train import TrainConfig, Trainer
+from moge.train.trainer import TrainConfig, Trainer
 
 
 @dataclass(frozen=True)

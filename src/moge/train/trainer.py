@@ -26,18 +26,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moge.balance import (GlobalBatchAuxLoss, aux_loss, device_loads, local_group_aux_loss, max_over_mean,
-                          z_loss)
+from moge.metrics import device_loads, max_over_mean
+from moge.nn.losses import GlobalBatchAuxLoss, aux_loss, local_group_aux_loss, z_loss
 from moge.config import ModelConfig, load_model_config
 from moge.io import atomic_write_text
-from moge.layer import MoGEBlock
-from moge.model import PanguProMoEForCausalLM
+from moge.nn.moe import MoGEBlock
+from moge.nn.model import PanguProMoEForCausalLM
 from moge.parallel.expert import full_state_dict, shard_model, shard_state_dict
 from moge.parallel.launch import comm_device
 from moge.parallel.mesh import ExpertParallelMesh, check_expert_parallel
 from moge.parallel.training import (clip_grad_norm, load_optimizer_state_by_name, optimizer_state_by_name,
                                     reduce_gradients)
-from moge.routing import Router
+from moge.nn.routing import Router
 
 AUX_SCOPES = ("micro", "global", "local")
 

@@ -1,0 +1,1 @@
+"""Inference: generation, speculative decoding, the tokenizer and chat format."""

@@ -1,0 +1,1 @@
+"""Model core: routing, experts, the MoE block, the decoder."""
