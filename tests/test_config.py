@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moge.config import PRESETS, ModelConfig, MoEConfig, load_model_config
+from moge.errors import ConfigError
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
@@ -102,3 +103,50 @@ def test_bad_config_files(tmp_path):
     p.write_text(json.dumps({"hidden_act": "gelu"}))
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
         load_model_config(p)
+
+
+QWEN2_MOE = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_act": "silu",
+             "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+             "shared_expert_intermediate_size": 64, "intermediate_size": 128, "norm_topk_prob": False,
+             "mlp_only_layers": [], "decoder_sparse_step": 1, "eos_token_id": [2, 3], "bos_token_id": 1}
+
+
+def test_qwen2_moe_config_is_refused_naming_the_field():
+    """Its gated shared expert and bias-free o_proj are not this model: refuse, do not load as MoGE."""
+    with pytest.raises(ConfigError, match=r"model_type='qwen2_moe' is invalid: .*shared_expert_gate"):
+        ModelConfig.from_hf_dict(QWEN2_MOE)
+
+
+def test_another_family_without_our_routing_fields_is_refused(tmp_path):
+    foreign = PRESETS["moge-tiny"].to_hf_dict() | {"model_type": "mixtral"}
+    del foreign["num_expert_groups"], foreign["moe_router"]
+    (tmp_path / "config.json").write_text(json.dumps(foreign))
+    with pytest.raises(ConfigError, match=r"model_type='mixtral' is invalid: .*num_expert_groups or moe_router"):
+        load_model_config(tmp_path)
+
+
+def test_another_family_that_states_its_routing_is_mapped():
+    d = {k: v for k, v in QWEN2_MOE.items() if k != "model_type"} | {
+        "model_type": "custom_moe", "moe_router": "softmax_topk", "norm_topk_prob": True, "eos_token_id": [2]}
+    cfg = ModelConfig.from_hf_dict(d)
+    assert (cfg.router, cfg.renormalize, cfg.top_k, cfg.eos_token_id) == ("softmax_topk", True, 2, 2)
+    assert (cfg.num_experts, cfg.expert_intermediate_size, cfg.shared_expert_intermediate_size) == (8, 32, 64)
+    assert ModelConfig.from_hf_dict(d | {"norm_topk_prob": False}).renormalize is False
+
+
+@pytest.mark.parametrize("changes,pattern", [
+    ({"mlp_only_layers": [0]}, r"mlp_only_layers=\[0\] is invalid: must be empty"),
+    ({"decoder_sparse_step": 2}, r"decoder_sparse_step=2 is invalid: must be 1"),
+    ({"eos_token_id": [2, 3]}, r"eos_token_id=\[2, 3\] is invalid: give one id"),
+    ({"norm_topk_prob": True, "moe_renormalize": False}, r"norm_topk_prob=True is invalid: contradicts"),
+])
+def test_fields_this_model_cannot_honour_are_refused(changes, pattern):
+    d = PRESETS["moge-tiny"].to_hf_dict() | changes
+    with pytest.raises(ConfigError, match=pattern):
+        ModelConfig.from_hf_dict(d)
+
+
+def test_release_style_fields_that_match_this_model_still_load():
+    d = PRESETS["moge-tiny"].to_hf_dict() | {"mlp_only_layers": [], "decoder_sparse_step": 1, "eos_token_id": [2]}
+    assert ModelConfig.from_hf_dict(d) == PRESETS["moge-tiny"]

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from moge.errors import MogeError
+
 # module path -> it defines `register(subparsers)` adding one or more subcommands
 COMMAND_MODULES = [
     "moge.commands.imbalance",
@@ -39,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except MogeError as e:  # caused by the input: one line, like argparse's own errors
         print(f"moge {args.command}: error: {e}", file=sys.stderr)
         return 2
+    # anything else is a bug: its traceback propagates (exit code 1)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 `MoEConfig` describes one MoE / MoGE layer; `ModelConfig` a whole decoder (dense, top-K MoE or
 MoGE) and reads/writes the Hugging Face style `config.json` of the Pangu Pro MoE release.
-Every check raises `ValueError` naming the field, the value and what would be valid.
+Every check raises `ConfigError` (a `ValueError`) naming the field, the value and what would be valid.
 """
 
 from __future__ import annotations
@@ -13,17 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moge.errors import ConfigError, MissingFileError, bad_value
+
 ROUTERS = ("grouped", "topk", "softmax_topk", "group_limited")
 BACKENDS = ("auto", "grouped_mm", "loop", "reference")
 
 
-def _bad(field_name: str, value: Any, valid: str) -> ValueError:
-    return ValueError(f"{field_name}={value!r} is invalid: {valid}")
-
-
 def _positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise _bad(name, value, "must be a positive integer")
+        raise bad_value(name, value, "must be a positive integer")
 
 
 @dataclass(frozen=True)
@@ -59,38 +57,38 @@ class MoEConfig:
         for name in ("hidden_size", "num_experts", "top_k", "expert_intermediate_size", "num_groups"):
             _positive(name, getattr(self, name))
         if self.router not in ROUTERS:
-            raise _bad("router", self.router, f"choose one of {ROUTERS}")
+            raise bad_value("router", self.router, f"choose one of {ROUTERS}")
         if self.backend not in BACKENDS:
-            raise _bad("backend", self.backend, f"choose one of {BACKENDS}")
+            raise bad_value("backend", self.backend, f"choose one of {BACKENDS}")
         n, m, k = self.num_experts, self.num_groups, self.top_k
         if k > n:
-            raise _bad("top_k", k, f"must be <= num_experts={n}")
+            raise bad_value("top_k", k, f"must be <= num_experts={n}")
         if self.router in ("grouped", "group_limited") or self.expert_to_group is not None:
             if n % m:
-                raise _bad("num_groups", m, f"must divide num_experts={n} (valid: {divisors(n)})")
+                raise bad_value("num_groups", m, f"must divide num_experts={n} (valid: {divisors(n)})")
         if self.router == "grouped":
             if k % m:
-                raise _bad("top_k", k, f"must be a multiple of num_groups={m} so every group keeps "
+                raise bad_value("top_k", k, f"must be a multiple of num_groups={m} so every group keeps "
                            f"top_k/num_groups experts (valid: {[m * i for i in range(1, n // m + 1)]})")
             if k // m > n // m:
-                raise _bad("top_k", k, f"top_k/num_groups={k // m} exceeds the {n // m} experts per group")
+                raise bad_value("top_k", k, f"top_k/num_groups={k // m} exceeds the {n // m} experts per group")
         if self.num_voted_experts is not None:
             self._check_voted()
         if self.router == "group_limited":
             _positive("topk_groups", self.topk_groups)
             if self.topk_groups > m:
-                raise _bad("topk_groups", self.topk_groups, f"must be <= num_groups={m}")
+                raise bad_value("topk_groups", self.topk_groups, f"must be <= num_groups={m}")
             if k > self.topk_groups * (n // m):
-                raise _bad("top_k", k, f"must be <= topk_groups*experts_per_group="
+                raise bad_value("top_k", k, f"must be <= topk_groups*experts_per_group="
                            f"{self.topk_groups * (n // m)}")
         if self.expert_to_group is not None:
             groups = tuple(int(g) for g in self.expert_to_group)
             object.__setattr__(self, "expert_to_group", groups)
             if len(groups) != n:
-                raise _bad("expert_to_group", f"<{len(groups)} entries>", f"needs one group id per expert ({n})")
+                raise bad_value("expert_to_group", f"<{len(groups)} entries>", f"needs one group id per expert ({n})")
             sizes = [groups.count(g) for g in range(m)]
             if any(g < 0 or g >= m for g in groups) or any(s != n // m for s in sizes):
-                raise _bad("expert_to_group", groups, f"must put exactly {n // m} experts in each of the "
+                raise bad_value("expert_to_group", groups, f"must put exactly {n // m} experts in each of the "
                            f"{m} groups 0..{m - 1}")
         sizes = tuple(self.shared_expert_sizes)
         object.__setattr__(self, "shared_expert_sizes", sizes)
@@ -100,10 +98,10 @@ class MoEConfig:
     def _check_voted(self) -> None:
         v, per, kp = self.num_voted_experts, self.num_experts // self.num_groups, self.top_k // self.num_groups
         if self.router != "grouped":
-            raise _bad("num_voted_experts", v, f"voted experts need router='grouped', not {self.router!r} "
+            raise bad_value("num_voted_experts", v, f"voted experts need router='grouped', not {self.router!r} "
                        f"(None turns voting off)")
         if not isinstance(v, int) or isinstance(v, bool) or not kp <= v <= per:
-            raise _bad("num_voted_experts", v, f"must be an integer in {kp}..{per} (top_k/num_groups.."
+            raise bad_value("num_voted_experts", v, f"must be an integer in {kp}..{per} (top_k/num_groups.."
                        f"experts_per_group), or None for no voting")
 
     @property
@@ -161,6 +159,17 @@ _HF_IGNORED = {"model_type", "architectures", "hidden_act", "torch_dtype", "dtyp
                "use_sliding_window", "max_window_layers", "rope_scaling", "output_router_logits",
                "router_aux_loss_coef", "norm_topk_prob", "decoder_sparse_step",
                "mlp_only_layers", "qkv_bias", "router_enable_expert_bias"}
+# A config.json without a group field is read as the release (8 groups). That is only right for the
+# release's own model_type (or none, as older files of ours); another family must state its routing
+# with our fields, or it is refused instead of silently becoming MoGE.
+_OWN_MODEL_TYPES = (None, "PanguProMoE")
+_ROUTING_KEYS = ("num_expert_groups", "moe_router")
+# Families whose layers differ from ours in ways no field here can express.
+_UNRUNNABLE_FAMILIES = {
+    "qwen2_moe": "Qwen2-MoE scales its shared expert by a learned sigmoid gate (shared_expert_gate) and its "
+                 "attention output projection has no bias; this model has neither, so it cannot run that "
+                 "checkpoint faithfully (valid: a 'PanguProMoE' config)",
+}
 
 
 @dataclass(frozen=True)
@@ -192,7 +201,7 @@ class ModelConfig:
     eos_token_id: int = 45892
     pad_token_id: int = 0
     # Multi-token prediction (DeepSeek-V3, arXiv 2412.19437): extra blocks predicting token t+2
-    # from the trunk's hidden state at t and the embedding of token t+1 (moge.model.MTPModule).
+    # from the trunk's hidden state at t and the embedding of token t+1 (moge.nn.model.MTPModule).
     num_mtp_modules: int = 0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -202,33 +211,33 @@ class ModelConfig:
             _positive(name, getattr(self, name))
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
-                raise _bad("num_heads", self.num_heads, f"must divide hidden_size={self.hidden_size} "
+                raise bad_value("num_heads", self.num_heads, f"must divide hidden_size={self.hidden_size} "
                            f"(valid: {divisors(self.hidden_size)}) unless head_dim is given")
         else:
             _positive("head_dim", self.head_dim)
         if self.num_heads % self.num_kv_heads:
-            raise _bad("num_kv_heads", self.num_kv_heads, f"must divide num_heads={self.num_heads} "
+            raise bad_value("num_kv_heads", self.num_kv_heads, f"must divide num_heads={self.num_heads} "
                        f"(valid: {divisors(self.num_heads)})")
         if self.num_experts < 0:
-            raise _bad("num_experts", self.num_experts, "must be >= 0 (0 = dense MLP)")
+            raise bad_value("num_experts", self.num_experts, "must be >= 0 (0 = dense MLP)")
         if self.num_experts == 0:
             _positive("intermediate_size", self.intermediate_size)
         else:
             self.moe()  # validates the expert fields
         if (not isinstance(self.num_mtp_modules, int) or isinstance(self.num_mtp_modules, bool)
                 or self.num_mtp_modules not in (0, 1)):
-            raise _bad("num_mtp_modules", self.num_mtp_modules,
+            raise bad_value("num_mtp_modules", self.num_mtp_modules,
                        "must be 0 (no multi-token prediction) or 1 (one MTP module); more are not supported")
         if self.shared_expert_intermediate_size < 0:
-            raise _bad("shared_expert_intermediate_size", self.shared_expert_intermediate_size, "must be >= 0")
+            raise bad_value("shared_expert_intermediate_size", self.shared_expert_intermediate_size, "must be >= 0")
         if not self.rms_norm_eps > 0:
-            raise _bad("rms_norm_eps", self.rms_norm_eps, "must be > 0")
+            raise bad_value("rms_norm_eps", self.rms_norm_eps, "must be > 0")
         if not self.rope_theta > 0:
-            raise _bad("rope_theta", self.rope_theta, "must be > 0")
+            raise bad_value("rope_theta", self.rope_theta, "must be > 0")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, name)
             if v is not None and not 0 <= v < self.vocab_size:
-                raise _bad(name, v, f"must be a token id in [0, vocab_size={self.vocab_size})")
+                raise bad_value(name, v, f"must be a token id in [0, vocab_size={self.vocab_size})")
 
     @property
     def head_size(self) -> int:
@@ -286,6 +295,8 @@ class ModelConfig:
     # ---- Hugging Face config.json ---------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict) -> "ModelConfig":
+        """Read a config.json dict; refuse (ConfigError naming the field) what this model cannot run."""
+        _check_foreign_fields(d)
         kw: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for key, value in d.items():
@@ -295,9 +306,18 @@ class ModelConfig:
                 extra[key] = value
         act = d.get("hidden_act", "silu")
         if act != "silu":
-            raise _bad("hidden_act", act, "only 'silu' (SwiGLU) is supported")
+            raise bad_value("hidden_act", act, "only 'silu' (SwiGLU) is supported")
         if isinstance(kw.get("eos_token_id"), list):
-            kw["eos_token_id"] = kw["eos_token_id"][0]
+            eos = kw["eos_token_id"]
+            if len(eos) != 1:
+                raise bad_value("eos_token_id", eos, "give one id: generation here stops on a single EOS id")
+            kw["eos_token_id"] = eos[0]
+        if d.get("norm_topk_prob") is not None:
+            norm = bool(d["norm_topk_prob"])
+            if "renormalize" in kw and bool(kw["renormalize"]) != norm:
+                raise bad_value("norm_topk_prob", d["norm_topk_prob"], f"contradicts moe_renormalize="
+                                f"{kw['renormalize']!r}: give one of them, or the same value")
+            kw["renormalize"] = norm
         if "num_experts" in kw and kw["num_experts"] in (None, 0):
             kw["num_experts"] = 0
         if "qkv_bias" in d and "attention_bias" not in d:
@@ -337,17 +357,34 @@ class ModelConfig:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
+            raise MissingFileError(f"config file not found: {path}") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+            raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
         return cls.from_hf_dict(data)
 
     def to_json(self, path: str | Path) -> None:
         from moge.io import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _check_foreign_fields(d: dict) -> None:
+    """Refuse config.json fields of other MoE families that this model cannot honour."""
+    model_type = d.get("model_type")
+    if model_type in _UNRUNNABLE_FAMILIES:
+        raise bad_value("model_type", model_type, _UNRUNNABLE_FAMILIES[model_type])
+    if model_type not in _OWN_MODEL_TYPES and not any(k in d for k in _ROUTING_KEYS):
+        raise bad_value("model_type", model_type, f"this reader knows 'PanguProMoE'; a config of another "
+                        f"family must state its routing with {' or '.join(_ROUTING_KEYS)} (otherwise it "
+                        "would be read as 8-group MoGE)")
+    layers = d.get("mlp_only_layers")
+    if layers:
+        raise bad_value("mlp_only_layers", layers, "must be empty: every layer of this model has the same MoE MLP")
+    step = d.get("decoder_sparse_step")
+    if step is not None and step != 1:
+        raise bad_value("decoder_sparse_step", step, "must be 1: every layer of this model is an MoE layer")
 
 
 # Presets: the released shape, small same-structure CPU models, and published dense shapes
@@ -394,5 +431,5 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
     path = Path(key)
     if path.exists():
         return ModelConfig.from_json(path)
-    raise ValueError(f"model={key!r} is neither a preset ({', '.join(PRESETS)}) nor an existing "
+    raise ConfigError(f"model={key!r} is neither a preset ({', '.join(PRESETS)}) nor an existing "
                      f"config.json or checkpoint directory")

@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from moge.errors import ConfigError
 from moge.metrics import ImbalanceStudy, simulate_imbalance
 
 SWEEP_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _weights(args: argparse.Namespace) -> torch.Tensor | None:
     if args.zipf < 0:
-        raise ValueError(f"--zipf={args.zipf} is invalid: must be >= 0")
+        raise ConfigError(f"--zipf={args.zipf} is invalid: must be >= 0")
     if args.zipf == 0:
         return None
     ranks = torch.randperm(args.experts, generator=torch.Generator().manual_seed(args.seed)) + 1
@@ -50,11 +51,11 @@ def _validate(args: argparse.Namespace) -> None:
     for name in ("experts", "top_k", "groups", "tokens", "trials", "bins"):
         v = getattr(args, name)
         if v <= 0:
-            raise ValueError(f"--{name.replace('_', '-')}={v} is invalid: must be a positive integer")
+            raise ConfigError(f"--{name.replace('_', '-')}={v} is invalid: must be a positive integer")
     if args.experts % args.groups:
-        raise ValueError(f"--groups={args.groups} is invalid: must divide --experts={args.experts}")
+        raise ConfigError(f"--groups={args.groups} is invalid: must divide --experts={args.experts}")
     if args.top_k % args.groups or args.top_k // args.groups > args.experts // args.groups:
-        raise ValueError(f"--top-k={args.top_k} is invalid: must be a multiple of --groups={args.groups} "
+        raise ConfigError(f"--top-k={args.top_k} is invalid: must be a multiple of --groups={args.groups} "
                          f"with top_k/groups <= experts/groups={args.experts // args.groups}")
 
 
