@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from moge.metrics import expected_max_load
 from moge.config import PRESETS
+from moge.metrics import expected_max_load
 from moge.sim.hardware import load_hardware
 from moge.sim.simulate import Scenario, simulate
 from moge.sim.straggler import load_stats, parse_routing

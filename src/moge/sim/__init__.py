@@ -3,7 +3,8 @@
 Modules, one concept each:
     hardware     device profiles read from hardware/*.json, fitted efficiency factors
     quant        bytes per weight / activation / KV element, GEMM dtype
-    plans        per-module parallel plans (TP, DP, EP, PP, H2P) and their validation
+    plans        per-module parallel plans (TP, DP, EP, PP, H2P) and their validation (the degree
+                 rules are moge.degrees', the runtime's; InfeasiblePlan is what searches skip)
     collectives  alpha-beta cost of all-reduce, reduce-scatter, all-gather, all-to-all
     straggler    Monte Carlo of routing: the busiest expert-parallel device's load
     cost         operator-level cost of one forward step (rooflines + collectives)
@@ -16,8 +17,9 @@ Modules, one concept each:
 """
 
 from moge.sim.hardware import Efficiency, HardwareProfile, LinkLevel, list_hardware, load_hardware
-from moge.sim.plans import ParallelPlan, plan_preset
+from moge.sim.plans import InfeasiblePlan, ParallelPlan, plan_preset
 from moge.sim.simulate import Scenario, SimResult, simulate
 
-__all__ = ["Efficiency", "HardwareProfile", "LinkLevel", "list_hardware", "load_hardware", "ParallelPlan",
+__all__ = ["Efficiency", "HardwareProfile", "InfeasiblePlan", "LinkLevel", "list_hardware", "load_hardware",
+           "ParallelPlan",
            "plan_preset", "Scenario", "SimResult", "simulate"]

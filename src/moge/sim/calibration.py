@@ -25,6 +25,7 @@ import numpy as np
 from moge.config import PRESETS
 from moge.io import atomic_write_text
 from moge.sim.hardware import CALIBRATION_FILE, Efficiency, HardwareProfile, load_calibration, load_hardware
+from moge.sim.plans import InfeasiblePlan
 from moge.sim.simulate import Scenario, simulate
 
 SET_NAME = "ascend-800i-a2-w8a8"
@@ -112,7 +113,7 @@ def fit(points=POINTS, hardware: str | HardwareProfile = SETTINGS["hardware"], p
         eff = _from_z(z)
         try:
             err = sum(math.log(predict(p, hw.with_efficiency(eff)) / p.given) ** 2 for p in points)
-        except ValueError:
+        except InfeasiblePlan:  # the optimiser wandered where the model does not fit; bugs propagate
             return 1e9
         return err + prior_weight * float(np.sum((z - z0) ** 2))
 

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 from moge.config import load_model_config
+from moge.errors import ConfigError
 from moge.sim.hardware import list_hardware, load_hardware
-from moge.sim.plans import DISPATCH_CHOICES, PLAN_PRESETS, plan_preset
+from moge.sim.plans import DISPATCH_CHOICES, PLAN_PRESETS, InfeasiblePlan, plan_preset
 from moge.sim.quant import KV_CACHE_CHOICES, QUANT_CHOICES
 from moge.sim.simulate import STAGES, Scenario, simulate
 from moge.sim.straggler import ROUTING_HELP
@@ -103,7 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="simulate each batch size and print a TPOT/throughput table (with --plot: a curve)")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="write a per-operator breakdown chart")
     p.add_argument("--validate", action="store_true",
-                   help="print predicted against given for the three calibration points and exit")
+                   help="print the fitted values against the three calibration points (and the leave-one-out "
+                        "predictions) and exit")
     p.add_argument("--calibrate", action="store_true",
                    help="refit the efficiency factors on the three calibration points, print them and exit")
     p.add_argument("--calibration-out", metavar="FILE.json", default=None,
@@ -189,14 +191,14 @@ def run_simulate(args: argparse.Namespace) -> int:
         else:
             for r in rows:
                 print(f"{r['name']:<18} {r['peak_tflops']}  {r['memory_gib']} GiB  {r['memory_bandwidth_GBps']} GB/s  "
-                      f"links: {', '.join(l['name'] + ' ' + str(l['bandwidth_GBps']) + ' GB/s' for l in r['links'])}")
+                      f"links: {', '.join(l['name'] + ' ' + str(l['bandwidth_GBps']) + ' GB/s' for l in r['links'])}")  # noqa: E741
         return 0
     if args.calibrate:
         return _run_calibrate(args)
     if args.validate:
         return _run_validate(args)
     if args.cards is None or args.cards <= 0:
-        raise ValueError(f"--cards={args.cards} is invalid: must be a positive integer")
+        raise ConfigError(f"--cards={args.cards} is invalid: must be a positive integer")
     model, name = _model(args)
     hw = load_hardware(args.hardware, args.calibration)
     plan = _plan(args, model, args.cards * hw.devices_per_card)
@@ -208,7 +210,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
         choice = best_batch(lambda b: _scenario(args, b, model, name, hw, plan), bound)
         if choice.result is None:
-            raise ValueError(f"no batch meets the bound with plan {plan.describe(model)}: {choice.note}")
+            raise InfeasiblePlan(f"no batch meets the bound with plan {plan.describe(model)}: {choice.note}")
         result = choice.result
     else:
         result = simulate(_scenario(args, args.batch or 1, model, name, hw, plan))
@@ -234,7 +236,7 @@ def _run_sweep(args, model, name, hw, plan) -> int:
     try:
         batches = [int(x) for x in args.sweep_batch.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--sweep-batch={args.sweep_batch!r} is invalid: give comma-separated integers") from None
+        raise ConfigError(f"--sweep-batch={args.sweep_batch!r} is invalid: give comma-separated integers") from None
     rows = []
     for b in batches:
         r = simulate(_scenario(args, b, model, name, hw, plan))
@@ -272,7 +274,7 @@ def _run_validate(args) -> int:
     print(f"calibration set {cal.SET_NAME}: compute {eff.compute:.4f}, memory {eff.memory:.4f}, "
           f"link {eff.link:.4f}, {eff.op_overhead_us:.3f} us per operator")
     print(f"settings: {cal.SETTINGS}")
-    print(f"{'point':<36}{'metric':>9}{'given':>10}{'predicted':>11}{'error':>9}")
+    print(f"{'point':<36}{'metric':>9}{'given':>10}{'fitted':>11}{'error':>9}")
     for r in rows:
         print(f"{r['point']:<36}{r['metric']:>9}{r['given']:>10.2f}{r['predicted']:>11.2f}{r['rel_error']:>+9.1%}")
     if loo:
@@ -292,10 +294,11 @@ def _run_calibrate(args) -> int:
     print(f"fitted: compute {record['compute']}, memory {record['memory']}, link {record['link']}, "
           f"op_overhead_us {record['op_overhead_us']}")
     for r in record["residuals"]:
-        print(f"  {r['point']:<36} given {r['given']:>8.2f}  predicted {r['predicted']:>8.2f}  {r['rel_error']:+.2%}")
+        print(f"  {r['point']:<36} given {r['given']:>8.2f}  fitted {r['predicted']:>8.2f}  {r['rel_error']:+.2%}")
     print("leave-one-out:")
     for r in record["leave_one_out"]:
-        print(f"  {r['held_out']:<36} given {r['given']:>8.2f}  predicted {r['predicted']:>8.2f}  {r['rel_error']:+.1%}")
+        print(f"  {r['held_out']:<36} given {r['given']:>8.2f}  predicted {r['predicted']:>8.2f}  "
+              f"{r['rel_error']:+.1%}")
     if args.calibration_out:
         print(f"written to {args.calibration_out}")
     return 0

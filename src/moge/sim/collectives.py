@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+from moge.errors import ConfigError
 from moge.sim.hardware import LinkLevel
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p")
@@ -48,7 +49,7 @@ def collective_time_s(kind: str, size_bytes: float, group_size: int, level: Link
                       link_efficiency: float) -> float:
     """Seconds for one collective of `size_bytes` (see module doc) over `group_size` devices."""
     if kind not in COLLECTIVES:
-        raise ValueError(f"collective={kind!r} is invalid: choose one of {COLLECTIVES}")
+        raise ConfigError(f"collective={kind!r} is invalid: choose one of {COLLECTIVES}")
     if group_size <= 1 or size_bytes <= 0:
         return 0.0
     p = group_size

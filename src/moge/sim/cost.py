@@ -194,7 +194,8 @@ class CostModel:
                 stats = self._expert_ops(ops, own, t_real, alltoall=True)
             if a_tp > 1:
                 if width:
-                    kind, name = ("reduce_scatter", "mlp_reduce_scatter") if sharded else ("all_reduce", "mlp_all_reduce")
+                    kind, name = (("reduce_scatter", "mlp_reduce_scatter") if sharded
+                                  else ("all_reduce", "mlp_all_reduce"))
                     ops.append(self.comm(name, kind, t_a * d * fb, a_tp, a_tp))
                 elif not sharded:
                     ops.append(self.comm("mlp_all_gather", "all_gather", t_a * d * fb, a_tp, a_tp))

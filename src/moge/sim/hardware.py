@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moge.errors import ConfigError, MissingFileError
+
 HARDWARE_DIR = Path(__file__).with_name("hardware")
 CALIBRATION_FILE = HARDWARE_DIR / "_calibration.json"
 TOPOLOGIES = ("full_mesh", "switch", "pcie", "ring")
@@ -45,9 +47,9 @@ class Efficiency:
         for f in ("compute", "memory", "link"):
             v = getattr(self, f)
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
-                raise ValueError(f"efficiency.{f}={v!r} is invalid: must be a fraction in (0, 1]")
+                raise ConfigError(f"efficiency.{f}={v!r} is invalid: must be a fraction in (0, 1]")
         if not (isinstance(self.op_overhead_us, (int, float)) and self.op_overhead_us >= 0):
-            raise ValueError(f"efficiency.op_overhead_us={self.op_overhead_us!r} is invalid: must be >= 0")
+            raise ConfigError(f"efficiency.op_overhead_us={self.op_overhead_us!r} is invalid: must be >= 0")
 
     def as_dict(self) -> dict[str, float]:
         return {"compute": self.compute, "memory": self.memory, "link": self.link,
@@ -71,16 +73,16 @@ class LinkLevel:
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
-            raise ValueError(f"interconnect[{self.name}].topology={self.topology!r} is invalid: "
+            raise ConfigError(f"interconnect[{self.name}].topology={self.topology!r} is invalid: "
                              f"choose one of {TOPOLOGIES}")
         if not (isinstance(self.devices, int) and self.devices >= 1):
-            raise ValueError(f"interconnect[{self.name}].devices={self.devices!r} is invalid: "
+            raise ConfigError(f"interconnect[{self.name}].devices={self.devices!r} is invalid: "
                              "must be a positive integer")
         if not self.bandwidth_GBps > 0:
-            raise ValueError(f"interconnect[{self.name}].bandwidth_GBps={self.bandwidth_GBps!r} is invalid: "
+            raise ConfigError(f"interconnect[{self.name}].bandwidth_GBps={self.bandwidth_GBps!r} is invalid: "
                              "must be > 0")
         if not self.latency_us >= 0:
-            raise ValueError(f"interconnect[{self.name}].latency_us={self.latency_us!r} is invalid: must be >= 0")
+            raise ConfigError(f"interconnect[{self.name}].latency_us={self.latency_us!r} is invalid: must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -106,19 +108,19 @@ class HardwareProfile:
     def __post_init__(self) -> None:
         for dtype, v in self.peak_tflops.items():
             if not (isinstance(v, (int, float)) and v > 0):
-                raise ValueError(f"{self.name}: peak_tflops.{dtype}={v!r} is invalid: must be > 0")
+                raise ConfigError(f"{self.name}: peak_tflops.{dtype}={v!r} is invalid: must be > 0")
         for f in ("memory_gib", "memory_bandwidth_GBps"):
             v = getattr(self, f)
             if not (isinstance(v, (int, float)) and v > 0):
-                raise ValueError(f"{self.name}: {f}={v!r} is invalid: must be > 0")
+                raise ConfigError(f"{self.name}: {f}={v!r} is invalid: must be > 0")
         if not self.links:
-            raise ValueError(f"{self.name}: interconnect is empty: give at least one link level")
+            raise ConfigError(f"{self.name}: interconnect is empty: give at least one link level")
         sizes = [lv.devices for lv in self.links]
         if sizes != sorted(sizes):
-            raise ValueError(f"{self.name}: interconnect levels must be listed innermost first "
+            raise ConfigError(f"{self.name}: interconnect levels must be listed innermost first "
                              f"(increasing devices), got {sizes}")
         if not (isinstance(self.devices_per_card, int) and self.devices_per_card >= 1):
-            raise ValueError(f"{self.name}: devices_per_card={self.devices_per_card!r} is invalid: "
+            raise ConfigError(f"{self.name}: devices_per_card={self.devices_per_card!r} is invalid: "
                              "must be a positive integer")
 
     # ---- derived quantities ---------------------------------------------------------------
@@ -128,7 +130,7 @@ class HardwareProfile:
         for key in (dtype, {"bf16": "fp16", "fp16": "bf16"}.get(dtype, dtype)):
             if key in table:
                 return table[key] * 1e12
-        raise ValueError(f"{self.name}: no peak_tflops for dtype {dtype!r} (has {sorted(table)})")
+        raise ConfigError(f"{self.name}: no peak_tflops for dtype {dtype!r} (has {sorted(table)})")
 
     @property
     def memory_bytes(self) -> float:
@@ -190,7 +192,7 @@ def _value(raw: Any, where: str, uncertain: list[str], sources: dict[str, str]) 
 def _number(raw: Any, where: str, uncertain: list[str], sources: dict[str, str]) -> float:
     v = _value(raw, where, uncertain, sources)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{where}={v!r} is invalid: must be a finite number")
+        raise ConfigError(f"{where}={v!r} is invalid: must be a finite number")
     return float(v)
 
 
@@ -200,19 +202,19 @@ def load_calibration(path: str | Path | None = None) -> dict[str, dict[str, Any]
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"calibration file not found: {path}") from None
+        raise MissingFileError(f"calibration file not found: {path}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
     sets = data.get("sets") if isinstance(data, dict) else None
     if not isinstance(sets, dict):
-        raise ValueError(f"{path}: expected an object with a 'sets' mapping of name -> factors")
+        raise ConfigError(f"{path}: expected an object with a 'sets' mapping of name -> factors")
     return sets
 
 
 def efficiency_from_set(name: str, calibration: str | Path | None = None) -> Efficiency:
     sets = load_calibration(calibration)
     if name not in sets:
-        raise ValueError(f"efficiency_from={name!r} is invalid: the calibration file has {sorted(sets)}")
+        raise ConfigError(f"efficiency_from={name!r} is invalid: the calibration file has {sorted(sets)}")
     s = sets[name]
     return Efficiency(compute=float(s["compute"]), memory=float(s["memory"]), link=float(s["link"]),
                       op_overhead_us=float(s["op_overhead_us"]), name=name)
@@ -221,23 +223,23 @@ def efficiency_from_set(name: str, calibration: str | Path | None = None) -> Eff
 def profile_from_dict(data: dict, source: str = "<dict>", calibration: str | Path | None = None) -> HardwareProfile:
     """Build a profile from the JSON layout described in the module docstring."""
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: a hardware profile must be a JSON object")
+        raise ConfigError(f"{source}: a hardware profile must be a JSON object")
     uncertain: list[str] = []
     sources: dict[str, str] = {}
     name = str(data.get("name") or Path(source).stem)
     for key in ("peak_tflops", "memory_gib", "memory_bandwidth_GBps", "interconnect"):
         if key not in data:
-            raise ValueError(f"{source}: hardware profile field {key!r} is missing")
+            raise ConfigError(f"{source}: hardware profile field {key!r} is missing")
     peaks_raw = data["peak_tflops"]
     if not isinstance(peaks_raw, dict) or not peaks_raw:
-        raise ValueError(f"{source}: peak_tflops must map dtype -> TFLOPS, e.g. {{\"bf16\": 989}}")
+        raise ConfigError(f"{source}: peak_tflops must map dtype -> TFLOPS, e.g. {{\"bf16\": 989}}")
     peaks = {k: _number(v, f"peak_tflops.{k}", uncertain, sources) for k, v in peaks_raw.items()}
     links = []
     for i, lv in enumerate(data["interconnect"]):
         lname = str(lv.get("name", f"level{i}"))
         for key in ("devices", "topology", "bandwidth_GBps", "latency_us"):
             if key not in lv:
-                raise ValueError(f"{source}: interconnect[{lname}].{key} is missing")
+                raise ConfigError(f"{source}: interconnect[{lname}].{key} is missing")
         links.append(LinkLevel(
             name=lname, devices=int(_number(lv["devices"], f"interconnect.{lname}.devices", uncertain, sources)),
             topology=str(lv["topology"]),
@@ -280,10 +282,10 @@ def load_hardware(name_or_path: str | Path, calibration: str | Path | None = Non
     if key.startswith("_") or not path.exists():
         path = Path(key)
         if not path.exists():
-            raise ValueError(f"hardware={key!r} is neither a shipped profile ({', '.join(list_hardware())}) "
+            raise ConfigError(f"hardware={key!r} is neither a shipped profile ({', '.join(list_hardware())}) "
                              "nor an existing JSON file")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"hardware profile {path} is not valid JSON: {e}") from None
+        raise ConfigError(f"hardware profile {path} is not valid JSON: {e}") from None
     return profile_from_dict(data, source=str(path), calibration=calibration)

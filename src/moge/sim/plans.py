@@ -24,13 +24,22 @@ moved after the RMSNorm so that it carries already-quantized activations (paper 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from moge.config import ModelConfig, divisors
+from moge.degrees import check_attention_tp, check_degree, check_dense_tp, check_expert_parallel, check_expert_tp
+from moge.errors import ConfigError, bad_value
 
 DISPATCH_CHOICES = ("allgather", "alltoall")
 PLAN_PRESETS = ("h2p", "tp", "tp-ep", "ep", "dp")
+
+
+class InfeasiblePlan(ConfigError):
+    """This plan cannot run this model on these devices (a degree rule, or the memory does not fit).
+
+    The searches skip exactly this; any other exception, a plain ValueError included, is a bug and
+    propagates.
+    """
 
 
 @dataclass(frozen=True)
@@ -80,54 +89,58 @@ class ParallelPlan:
         return devices // self.replica_devices
 
     def validate(self, model: ModelConfig, devices: int) -> None:
-        """Raise ValueError naming the field when this plan cannot run `model` on `devices`."""
+        """Raise InfeasiblePlan naming the field when this plan cannot run `model` on `devices`.
+
+        The head, expert and width rules are moge.degrees', the runtime's own, so a plan the runtime
+        rejects is rejected here with the same message; the rest are the simulator's layout rules.
+        """
+        try:
+            self._validate(model, devices)
+        except InfeasiblePlan:
+            raise
+        except ConfigError as e:
+            raise InfeasiblePlan(str(e)) from None
+
+    def _validate(self, model: ModelConfig, devices: int) -> None:
         for f in ("attn_tp", "attn_dp", "expert_tp", "expert_ep", "dense_tp", "pp"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{f}={v!r} is invalid: must be a positive integer")
+            check_degree(f, getattr(self, f))
         if self.dispatch not in DISPATCH_CHOICES:
-            raise ValueError(f"dispatch={self.dispatch!r} is invalid: choose one of {DISPATCH_CHOICES}")
+            raise bad_value("dispatch", self.dispatch, f"choose one of {DISPATCH_CHOICES}")
         if devices % self.replica_devices:
-            raise ValueError(
+            raise InfeasiblePlan(
                 f"devices={devices} is invalid for this plan: must be a multiple of attn_tp*attn_dp*pp="
                 f"{self.replica_devices} (one replica); valid plans for {devices} devices have "
                 f"attn_tp*attn_dp*pp in {divisors(devices)}")
-        if model.num_heads % self.attn_tp:
-            raise ValueError(f"attn_tp={self.attn_tp} is invalid: must divide num_heads={model.num_heads} "
-                             f"(valid: {divisors(model.num_heads)})")
-        kv = model.num_kv_heads
-        if kv % self.attn_tp and self.attn_tp % kv:
-            raise ValueError(f"attn_tp={self.attn_tp} is invalid: must divide num_kv_heads={kv} or be a "
-                             f"multiple of it (KV heads are then replicated)")
+        check_attention_tp(model, self.attn_tp)
         if self.pp > model.num_layers:
-            raise ValueError(f"pp={self.pp} is invalid: must be <= num_layers={model.num_layers}")
+            raise bad_value("pp", self.pp, f"must be <= num_layers={model.num_layers}")
         stage = self.stage_devices
         if stage % self.dense_tp:
-            raise ValueError(f"dense_tp={self.dense_tp} is invalid: must divide the stage's devices "
-                             f"attn_tp*attn_dp={stage} (valid: {divisors(stage)})")
-        width = model.shared_expert_intermediate_size if model.is_moe else model.intermediate_size
-        if width and width % self.dense_tp:
-            field = "shared_expert_intermediate_size" if model.is_moe else "intermediate_size"
-            raise ValueError(f"dense_tp={self.dense_tp} is invalid: must divide {field}={width}")
+            raise bad_value("dense_tp", self.dense_tp, f"must divide the stage's devices attn_tp*attn_dp={stage} "
+                            f"(valid: {divisors(stage)})")
+        check_dense_tp(model, self.dense_tp)
         if not model.is_moe:
             return
         if self.expert_tp * self.expert_ep != stage:
-            raise ValueError(f"expert_tp*expert_ep={self.expert_tp}*{self.expert_ep} is invalid: must equal "
-                             f"the stage's devices attn_tp*attn_dp={stage} (every device holds experts)")
-        if model.num_experts % self.expert_ep:
-            raise ValueError(f"expert_ep={self.expert_ep} is invalid: must divide num_experts="
-                             f"{model.num_experts} (valid: {divisors(model.num_experts)})")
-        if model.expert_intermediate_size % self.expert_tp:
-            raise ValueError(f"expert_tp={self.expert_tp} is invalid: must divide expert_intermediate_size="
-                             f"{model.expert_intermediate_size}")
+            raise InfeasiblePlan(f"expert_tp*expert_ep={self.expert_tp}*{self.expert_ep} is invalid: must equal "
+                                 f"the stage's devices attn_tp*attn_dp={stage} (every device holds experts)")
+        check_expert_parallel(model, self.expert_ep, name="expert_ep")
+        check_expert_tp(model, self.expert_tp)
         if self.dispatch == "alltoall":
             if self.expert_tp != 1:
-                raise ValueError(f"expert_tp={self.expert_tp} is invalid with dispatch='alltoall': use "
-                                 "expert_tp=1 (pure EP) or dispatch='allgather'")
+                raise bad_value("expert_tp", self.expert_tp, "must be 1 with dispatch='alltoall' (pure EP), "
+                                "or use dispatch='allgather'")
             if model.shared_expert_intermediate_size and self.dense_tp != self.attn_tp:
-                raise ValueError(f"dense_tp={self.dense_tp} is invalid with dispatch='alltoall': the shared "
-                                 f"expert runs on the attention layout, so dense_tp must equal attn_tp="
-                                 f"{self.attn_tp}")
+                raise bad_value("dense_tp", self.dense_tp, f"must equal attn_tp={self.attn_tp} with "
+                                "dispatch='alltoall': the shared expert runs on the attention layout")
+
+
+def _passes(check, model: ModelConfig, degree: int) -> bool:
+    try:
+        check(model, degree)
+    except ConfigError:
+        return False
+    return True
 
 
 def _largest_divisor_at_most(n: int, cap: int, ok) -> int:
@@ -151,17 +164,20 @@ def plan_preset(name: str, model: ModelConfig, devices: int, pp: int = 1) -> Par
     dp     one device per replica
     """
     if name not in PLAN_PRESETS:
-        raise ValueError(f"plan={name!r} is invalid: choose one of {PLAN_PRESETS} or give explicit sizes")
-    if not isinstance(pp, int) or pp <= 0 or devices % pp:
-        raise ValueError(f"pp={pp} is invalid: must be a positive divisor of devices={devices} "
-                         f"(valid: {divisors(devices)})")
+        raise bad_value("plan", name, f"choose one of {PLAN_PRESETS} or give explicit sizes")
+    if isinstance(pp, bool) or not isinstance(pp, int) or pp <= 0 or devices % pp:
+        raise bad_value("pp", pp, f"must be a positive divisor of devices={devices} (valid: {divisors(devices)})")
     if name == "dp":
         return ParallelPlan(pp=pp, name="dp")
     stage = devices // pp
-    n_exp = model.num_experts or 1
 
     def heads_ok(t: int) -> bool:
-        return model.num_heads % t == 0 and (model.num_kv_heads % t == 0 or t % model.num_kv_heads == 0)
+        return _passes(check_attention_tp, model, t)
+
+    def experts_ok(ep: int) -> bool:
+        if not model.is_moe:
+            return ep == 1
+        return _passes(check_expert_parallel, model, ep) and _passes(check_expert_tp, model, stage // ep)
 
     if name == "tp":
         return ParallelPlan(attn_tp=stage, expert_tp=stage, expert_ep=1, dense_tp=stage, pp=pp,
@@ -173,7 +189,7 @@ def plan_preset(name: str, model: ModelConfig, devices: int, pp: int = 1) -> Par
         return ParallelPlan(attn_tp=1, attn_dp=stage, expert_tp=1, expert_ep=stage, dense_tp=1, pp=pp,
                             dispatch="alltoall", comm_rewrite=True, name="ep")
     t = _largest_divisor_at_most(stage, 4, heads_ok)
-    ep = _largest_divisor_at_most(stage, t, lambda e: n_exp % e == 0)
+    ep = _largest_divisor_at_most(stage, t, experts_ok)
     return ParallelPlan(attn_tp=t, attn_dp=stage // t, expert_tp=stage // ep, expert_ep=ep, dense_tp=stage,
                         pp=pp, dispatch="allgather", comm_rewrite=True, name="h2p")
 
@@ -201,7 +217,7 @@ def candidate_plans(model: ModelConfig, devices: int, max_pp: int = 1, rewrite_o
                                                  name="search")
                                 try:
                                     p.validate(model, devices)
-                                except ValueError:
+                                except InfeasiblePlan:
                                     continue
                                 if not rw and a_tp == 1 and p.layout(model) == "attention":
                                     continue  # nothing to rewrite: same plan as rw=True
@@ -215,5 +231,5 @@ def candidate_plans(model: ModelConfig, devices: int, max_pp: int = 1, rewrite_o
 
 
 def kv_heads_per_device(model: ModelConfig, plan: ParallelPlan) -> int:
-    """KV heads each attention-TP rank stores (replicated when attn_tp exceeds num_kv_heads)."""
-    return max(1, math.ceil(model.num_kv_heads / plan.attn_tp))
+    """KV heads each attention-TP rank stores (attn_tp divides num_kv_heads: heads are not replicated)."""
+    return model.num_kv_heads // plan.attn_tp

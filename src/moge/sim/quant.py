@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moge.errors import ConfigError
+
 KV_CACHE_CHOICES = ("auto", "bf16", "fp16", "int8")
 
 
@@ -45,9 +47,9 @@ def quant_scheme(name: str, kv_cache: str = "auto") -> QuantScheme:
     """A scheme by name. kv_cache='auto' means int8 KV under W8A8/W4A8 (the paper quantises the
     KV cache alongside W8A8) and 16 bit otherwise."""
     if name not in _SCHEMES:
-        raise ValueError(f"quant={name!r} is invalid: choose one of {QUANT_CHOICES}")
+        raise ConfigError(f"quant={name!r} is invalid: choose one of {QUANT_CHOICES}")
     if kv_cache not in KV_CACHE_CHOICES:
-        raise ValueError(f"kv_cache={kv_cache!r} is invalid: choose one of {KV_CACHE_CHOICES}")
+        raise ConfigError(f"kv_cache={kv_cache!r} is invalid: choose one of {KV_CACHE_CHOICES}")
     spec = _SCHEMES[name]
     if kv_cache == "auto":
         kv_bytes = 1.0 if spec["act_bytes"] < 2 else 2.0

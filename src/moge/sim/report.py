@@ -40,7 +40,8 @@ def format_result(r: SimResult) -> str:
                  f"{eff['op_overhead_us']:.2f} us per operator (from {eff['from']})")
     met = d["bounds"]["met"]
     if met is not None:
-        lines.append(f"  bound       {'met' if met else 'MISSED'} (TPOT <= {s.tpot_bound_ms}, TTFT <= {s.ttft_bound_ms})")
+        lines.append(f"  bound       {'met' if met else 'MISSED'} "
+                     f"(TPOT <= {s.tpot_bound_ms}, TTFT <= {s.ttft_bound_ms})")
     lines.append("")
     lines.append(f"  time per {'step' if s.stage == 'decode' else 'prefill'} on the busiest device")
     lines.append(f"  {'operator':<28}{'group':<15}{'ms':>10}{'share':>8}")

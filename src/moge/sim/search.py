@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from moge.config import PRESETS, ModelConfig
+from moge.errors import ConfigError
 from moge.sim.hardware import HardwareProfile, load_hardware
-from moge.sim.plans import PLAN_PRESETS, ParallelPlan, candidate_plans, plan_preset
+from moge.sim.plans import PLAN_PRESETS, InfeasiblePlan, ParallelPlan, candidate_plans, plan_preset
 from moge.sim.simulate import Scenario, SimResult, simulate
 
 
@@ -47,7 +48,7 @@ def best_batch(make: Callable[[int], Scenario], bound_ms: float | None, max_batc
     """Largest batch of the scenario family `make(batch)` that fits and meets the bound."""
     try:
         r1 = simulate(make(1))
-    except ValueError as e:
+    except InfeasiblePlan as e:
         return PlanChoice(make(1).resolved_plan(), 0, None, str(e))
     plan = r1.plan
 
@@ -89,7 +90,7 @@ def search_plans(model: ModelConfig, hardware: HardwareProfile, cards: int, stag
                 p = plan_preset(name, model, devices)
                 p.validate(model, devices)
                 plans.append(p)
-            except ValueError:
+            except InfeasiblePlan:
                 pass
         plans += candidate_plans(model, devices, max_pp=max_pp)
     bound = ttft_bound_ms if stage == "prefill" else tpot_bound_ms
@@ -127,11 +128,11 @@ class ArchTarget:
     def parse(cls, text: str) -> "ArchTarget":
         parts = text.split(":")
         if len(parts) != 3:
-            raise ValueError(f"target={text!r} is invalid: write HARDWARE:CARDS:TPOT_MS, e.g. ascend-800i-a2:8:50")
+            raise ConfigError(f"target={text!r} is invalid: write HARDWARE:CARDS:TPOT_MS, e.g. ascend-800i-a2:8:50")
         try:
             return cls(parts[0], int(parts[1]), float(parts[2]))
         except ValueError:
-            raise ValueError(f"target={text!r} is invalid: CARDS must be an integer and TPOT_MS a number") from None
+            raise ConfigError(f"target={text!r} is invalid: CARDS must be an integer and TPOT_MS a number") from None
 
     def label(self) -> str:
         return f"{self.hardware} x{self.cards}, TPOT<={self.tpot_bound_ms:g} ms"
@@ -223,7 +224,7 @@ def architecture_search(targets: Iterable[ArchTarget] = DEFAULT_TARGETS, grid: s
     targets = list(targets)
     g = ARCH_GRIDS[grid] if isinstance(grid, str) else grid
     if isinstance(grid, str) and grid not in ARCH_GRIDS:
-        raise ValueError(f"grid={grid!r} is invalid: choose one of {sorted(ARCH_GRIDS)}")
+        raise ConfigError(f"grid={grid!r} is invalid: choose one of {sorted(ARCH_GRIDS)}")
     cands = arch_candidates(g)
     if not any(is_pangu_shape(m) for m in cands):
         cands.append(PRESETS["pangu-pro-moe"])
@@ -241,7 +242,7 @@ def architecture_search(targets: Iterable[ArchTarget] = DEFAULT_TARGETS, grid: s
                     p = plan_preset(name, m, devices)
                     p.validate(m, devices)
                     plan_list.append(p)
-                except ValueError:
+                except InfeasiblePlan:
                     continue
             choices = search_plans(m, hw, t.cards, "decode", tpot_bound_ms=t.tpot_bound_ms, plans=plan_list,
                                    input_len=input_len, output_len=output_len, quant=quant,

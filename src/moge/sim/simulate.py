@@ -18,10 +18,11 @@ import math
 from dataclasses import dataclass, field
 
 from moge.config import ModelConfig
+from moge.errors import ConfigError
 from moge.sim.cost import CostModel, StepCost, StepShape
 from moge.sim.hardware import HardwareProfile
 from moge.sim.memory import MemoryReport, max_batch, memory_report
-from moge.sim.plans import ParallelPlan, plan_preset
+from moge.sim.plans import InfeasiblePlan, ParallelPlan, plan_preset
 from moge.sim.quant import quant_scheme
 from moge.sim.straggler import parse_routing
 
@@ -82,22 +83,22 @@ class Scenario:
         for name in ("cards", "batch", "input_len"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}={v!r} is invalid: must be a positive integer")
+                raise ConfigError(f"{name}={v!r} is invalid: must be a positive integer")
         if not isinstance(self.output_len, int) or self.output_len < 0:
-            raise ValueError(f"output_len={self.output_len!r} is invalid: must be an integer >= 0")
+            raise ConfigError(f"output_len={self.output_len!r} is invalid: must be an integer >= 0")
         if self.stage not in STAGES:
-            raise ValueError(f"stage={self.stage!r} is invalid: choose one of {STAGES}")
+            raise ConfigError(f"stage={self.stage!r} is invalid: choose one of {STAGES}")
         if not isinstance(self.mtp_draft, int) or not 0 <= self.mtp_draft <= 8:
-            raise ValueError(f"mtp_draft={self.mtp_draft!r} is invalid: must be an integer in [0, 8]")
+            raise ConfigError(f"mtp_draft={self.mtp_draft!r} is invalid: must be an integer in [0, 8]")
         if not 0.0 <= self.mtp_acceptance <= 1.0:
-            raise ValueError(f"mtp_acceptance={self.mtp_acceptance!r} is invalid: must be in [0, 1]")
+            raise ConfigError(f"mtp_acceptance={self.mtp_acceptance!r} is invalid: must be in [0, 1]")
         if self.input_len + self.output_len > self.model.max_position_embeddings:
-            raise ValueError(f"input_len+output_len={self.input_len + self.output_len} is invalid: exceeds the "
+            raise ConfigError(f"input_len+output_len={self.input_len + self.output_len} is invalid: exceeds the "
                              f"model's max_position_embeddings={self.model.max_position_embeddings}")
         for name in ("tpot_bound_ms", "ttft_bound_ms"):
             v = getattr(self, name)
             if v is not None and not v > 0:
-                raise ValueError(f"{name}={v!r} is invalid: must be > 0")
+                raise ConfigError(f"{name}={v!r} is invalid: must be > 0")
 
 
 @dataclass
@@ -191,7 +192,7 @@ def _shapes(s: Scenario, seqs: int) -> tuple[StepShape, StepShape]:
 
 
 def simulate(s: Scenario) -> SimResult:
-    """Run one scenario; raises ValueError naming the field for invalid inputs or a misfit."""
+    """Run one scenario; raises ConfigError naming the field for invalid inputs, InfeasiblePlan for a misfit."""
     s.validate()
     plan = s.resolved_plan()
     plan.validate(s.model, s.devices)
@@ -214,10 +215,10 @@ def simulate(s: Scenario) -> SimResult:
     limit = max_batch(lambda b: mem(b).fits)
     if s.check_memory and not report.fits:
         if limit == 0:
-            raise ValueError(f"model does not fit: {report.describe()} even at batch 1 with plan "
+            raise InfeasiblePlan(f"model does not fit: {report.describe()} even at batch 1 with plan "
                              f"{plan.describe(s.model)} on cards={s.cards}; use more cards, a smaller "
                              "quantization or a plan that splits the weights further")
-        raise ValueError(f"batch={s.batch} does not fit in memory: {report.describe()}; the largest batch "
+        raise InfeasiblePlan(f"batch={s.batch} does not fit in memory: {report.describe()}; the largest batch "
                          f"that fits is {limit}")
 
     prefill_shape, decode_shape = _shapes(s, seqs)

@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moge.metrics import contiguous_device_map, expert_counts, sample_experts
 from moge.config import ModelConfig
+from moge.errors import ConfigError, MissingFileError
+from moge.metrics import contiguous_device_map, expert_counts, sample_experts
 
 TOKEN_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 2048, 4096)
 _ELEMENT_BUDGET = 300_000  # random keys drawn per grid point (trials * tokens * experts)
@@ -80,9 +81,10 @@ def parse_routing(spec: str, model: ModelConfig, seed: int = 0) -> RoutingModel 
             try:
                 s = float(s_text)
             except ValueError:
-                raise ValueError(f"routing={spec!r} is invalid: the Zipf exponent {s_text!r} is not a number") from None
+                raise ConfigError(f"routing={spec!r} is invalid: the Zipf exponent {s_text!r} "
+                                  "is not a number") from None
             if s < 0:
-                raise ValueError(f"routing={spec!r} is invalid: the Zipf exponent must be >= 0")
+                raise ConfigError(f"routing={spec!r} is invalid: the Zipf exponent must be >= 0")
             if prefix == "moge-zipf":
                 _check_groups(model)
             return RoutingModel(prefix, zipf_s=s, seed=seed)
@@ -90,13 +92,13 @@ def parse_routing(spec: str, model: ModelConfig, seed: int = 0) -> RoutingModel 
         path = spec.split(":", 1)[1]
         _load_trace(path, model.num_experts, model.top_k)  # validate now, with a clear error
         return RoutingModel("trace", trace=str(Path(path).resolve()), seed=seed)
-    raise ValueError(f"routing={spec!r} is invalid: choose one of {ROUTING_HELP}")
+    raise ConfigError(f"routing={spec!r} is invalid: choose one of {ROUTING_HELP}")
 
 
 def _check_groups(model: ModelConfig) -> None:
     n, k, g = model.num_experts, model.top_k, model.num_groups
     if n % g or k % g:
-        raise ValueError(f"routing='moge' needs num_groups={g} to divide num_experts={n} and top_k={k}")
+        raise ConfigError(f"routing='moge' needs num_groups={g} to divide num_experts={n} and top_k={k}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -104,39 +106,39 @@ def _load_trace(path: str, num_experts: int, top_k: int) -> tuple[str, torch.Ten
     """('ids', [T, K] long) or ('counts', [N] float) from a JSON or .npy file."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"routing trace not found: {p}")
+        raise MissingFileError(f"routing trace not found: {p}")
     if p.suffix == ".npy":
         arr = np.load(p, allow_pickle=False)
     else:
         try:
             data = json.loads(p.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"routing trace {p} is not valid JSON: {e}") from None
+            raise ConfigError(f"routing trace {p} is not valid JSON: {e}") from None
         if isinstance(data, dict):
             for key in ("expert_ids", "experts", "counts", "expert_counts"):
                 if key in data:
                     data = data[key]
                     break
             else:
-                raise ValueError(f"routing trace {p}: expected a list, or an object with 'expert_ids' or 'counts'")
+                raise ConfigError(f"routing trace {p}: expected a list, or an object with 'expert_ids' or 'counts'")
         arr = np.asarray(data)
     if arr.ndim == 2:
         if arr.shape[1] != top_k or arr.shape[0] == 0:
-            raise ValueError(f"routing trace {p}: expert ids have shape {tuple(arr.shape)}, expected [T>0, "
+            raise ConfigError(f"routing trace {p}: expert ids have shape {tuple(arr.shape)}, expected [T>0, "
                              f"top_k={top_k}]")
         ids = torch.as_tensor(arr.astype(np.int64))
         if ids.min() < 0 or ids.max() >= num_experts:
-            raise ValueError(f"routing trace {p}: expert ids must lie in [0, num_experts={num_experts})")
+            raise ConfigError(f"routing trace {p}: expert ids must lie in [0, num_experts={num_experts})")
         return "ids", ids
     if arr.ndim == 1:
         if arr.shape[0] != num_experts:
-            raise ValueError(f"routing trace {p}: {arr.shape[0]} per-expert counts, expected num_experts="
+            raise ConfigError(f"routing trace {p}: {arr.shape[0]} per-expert counts, expected num_experts="
                              f"{num_experts}")
         w = torch.as_tensor(arr.astype(np.float64), dtype=torch.float32)
         if torch.any(w < 0) or not w.sum() > 0:
-            raise ValueError(f"routing trace {p}: counts must be non-negative with a positive sum")
+            raise ConfigError(f"routing trace {p}: counts must be non-negative with a positive sum")
         return "counts", w
-    raise ValueError(f"routing trace {p}: expected a 2-D array of expert ids or a 1-D array of counts, "
+    raise ConfigError(f"routing trace {p}: expected a 2-D array of expert ids or a 1-D array of counts, "
                      f"got {arr.ndim}-D")
 
 
@@ -204,7 +206,7 @@ def _grid(routing: RoutingModel, n: int, k: int, groups: int, ep: int) -> dict:
     max_load, max_active, mean_active = [], [], []
     for c in counts:
         per_dev = c.reshape(c.shape[0], ep, n // ep)  # experts sit contiguously on devices
-        loads = per_dev.sum(-1)  # == moge.balance.device_loads(ex, contiguous_device_map(n, ep), ep)
+        loads = per_dev.sum(-1)  # == moge.metrics.device_loads(ex, contiguous_device_map(n, ep), ep)
         active = (per_dev > 0).sum(-1)
         max_load.append(float(loads.max(-1).mean()))
         max_active.append(float(active.max(-1).mean()))
@@ -222,7 +224,7 @@ def load_stats(routing: RoutingModel, num_experts: int, top_k: int, num_groups: 
                tokens: int) -> LoadStats:
     """Expected busiest-device load and active experts for `tokens` tokens over `ep` EP devices."""
     if num_experts % ep:
-        raise ValueError(f"expert_ep={ep} must divide num_experts={num_experts}")
+        raise ConfigError(f"expert_ep={ep} must divide num_experts={num_experts}")
     tokens = max(1, int(tokens))
     mean = tokens * top_k / ep
     g = _grid(routing, num_experts, top_k, num_groups, ep)
