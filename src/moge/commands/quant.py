@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from moge.commands import list_argument
+from moge.errors import ConfigError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
 
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
     p.add_argument("--pool", type=int, default=256, help="random windows to choose the balanced set from")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=run_quantize)
@@ -47,21 +48,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_quantize(args: argparse.Namespace) -> int:
     from moge.checkpoint import load_pretrained
-    from moge.quant import balanced_calibration_set, quantize_model, save_quantized, weight_memory
+    from moge.checkpoint.quantized import save_quantized
+    from moge.data.tokenizer_check import check_corpus_tokenizer
+    from moge.quant import balanced_calibration_set, quantize_model, weight_memory
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.alpha is not None and not 0 <= args.alpha <= 1:
-        raise ValueError(f"--alpha={args.alpha} is invalid: the migration strength must be in [0, 1]")
+        raise ConfigError(f"--alpha={args.alpha} is invalid: the migration strength must be in [0, 1]")
     for name in ("calib_windows", "seq_len", "pool"):
         if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: must be a positive integer")
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: "
+                              "must be a positive integer")
     src, out = Path(args.model), Path(args.out)
     if out.resolve() == src.resolve():
-        raise ValueError(f"--out={args.out!r} is the input checkpoint; choose another directory")
+        raise ConfigError(f"--out={args.out!r} is the input checkpoint; choose another directory")
     model = load_pretrained(src, dtype=torch.float32).eval()
+    check_corpus_tokenizer(args.data, src)
     if args.seq_len > model.config.max_position_embeddings:
-        raise ValueError(f"--seq-len={args.seq_len} exceeds the model's max_position_embeddings="
+        raise ConfigError(f"--seq-len={args.seq_len} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}")
     t0 = time.perf_counter()
     calib = balanced_calibration_set(model, args.data, windows=args.calib_windows, seq_len=args.seq_len,

@@ -4,7 +4,7 @@ Byte level with no normalizer and no added prefix space means every string maps 
 to exactly itself (any Unicode, any whitespace), so loss numbers are over the real text and
 generated text needs no clean-up. `<|endoftext|>` ends every document (EOS and the separator in
 the shards); `<|pad|>` pads batches. A `tokenizer_config.json` beside `tokenizer.json` names them,
-so `moge.tokenizer.load_tokenizer(out_dir)` finds both.
+so `moge.inference.tokenizer.load_tokenizer(out_dir)` finds both.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moge.errors import ConfigError, MissingFileError
 from moge.io import atomic_write_text
 
 EOS_TOKEN = "<|endoftext|>"
@@ -30,7 +31,7 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 def check_vocab_size(vocab_size: int) -> int:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
             or not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
-        raise ValueError(f"vocab_size={vocab_size!r} is invalid: must be an integer from {MIN_VOCAB_SIZE} "
+        raise ConfigError(f"vocab_size={vocab_size!r} is invalid: must be an integer from {MIN_VOCAB_SIZE} "
                          f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens) to {MAX_VOCAB_SIZE} "
                          f"(token ids are stored as uint16)")
     return vocab_size
@@ -83,11 +84,11 @@ def load_bpe(path: Path):
     if path.is_dir():
         path = path / TOKENIZER_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} does not exist (run `moge data prepare` first)")
+        raise MissingFileError(f"tokenizer file {path} does not exist (run `moge data prepare` first)")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises a bare Exception for malformed files
-        raise ValueError(f"{path} is not a valid Hugging Face tokenizer.json: {e}") from None
+        raise ConfigError(f"{path} is not a valid Hugging Face tokenizer.json: {e}") from None
 
 
 def encode_texts(tok, texts: Sequence[str]) -> list[np.ndarray]:

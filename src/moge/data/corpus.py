@@ -15,6 +15,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from moge.errors import ConfigError
+
 SPLITS = ("train", "val")
 _OVERSHOOT = 1.5  # validation may hold up to this multiple of its target share, to keep documents whole
 _NAME = re.compile(r"[a-z0-9][a-z0-9_]*")
@@ -33,7 +35,7 @@ class Document:
 def check_domain_name(domain: str) -> str:
     """Domain names become file names: lower-case letters, digits and underscores only."""
     if not isinstance(domain, str) or not _NAME.fullmatch(domain):
-        raise ValueError(f"domain name {domain!r} is invalid: use lower-case letters, digits and underscores, "
+        raise ConfigError(f"domain name {domain!r} is invalid: use lower-case letters, digits and underscores, "
                          f"starting with a letter or digit")
     return domain
 
@@ -47,22 +49,22 @@ def split_documents(documents: Iterable[Document], val_fraction: float = 0.05, s
     that would take validation past 1.5 times that share; at least one document goes to each split,
     so every domain needs two or more documents."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} is invalid: must be strictly between 0 and 1")
+        raise ConfigError(f"val_fraction={val_fraction} is invalid: must be strictly between 0 and 1")
     by_domain: dict[str, list[Document]] = {}
     for doc in documents:
         check_domain_name(doc.domain)
         if not doc.text:
-            raise ValueError(f"document {doc.domain}/{doc.name} is empty")
+            raise ConfigError(f"document {doc.domain}/{doc.name} is empty")
         by_domain.setdefault(doc.domain, []).append(doc)
     if not by_domain:
-        raise ValueError("no documents to split: every source produced an empty list")
+        raise ConfigError("no documents to split: every source produced an empty list")
     out = {}
     for domain, docs in by_domain.items():
         dupes = sorted(n for n, k in Counter(d.name for d in docs).items() if k > 1)
         if dupes:
-            raise ValueError(f"domain {domain!r} has duplicate document names {dupes[:5]}: names must be unique")
+            raise ConfigError(f"domain {domain!r} has duplicate document names {dupes[:5]}: names must be unique")
         if len(docs) < 2:
-            raise ValueError(f"domain {domain!r} has {len(docs)} document: a train/validation split needs at "
+            raise ConfigError(f"domain {domain!r} has {len(docs)} document: a train/validation split needs at "
                              f"least 2")
         out[domain] = _split_domain(docs, val_fraction, seed)
     return out

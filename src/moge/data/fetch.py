@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
+from moge.errors import MogeError
 from moge.io import atomic_write_bytes
 
 CACHE_ENV = "MOGE_CACHE"
@@ -28,11 +29,11 @@ _JSON_SIMPLE = "application/vnd.pypi.simple.v1+json"
 _TIMEOUT_S = 60
 
 
-class ChecksumError(ValueError):
+class ChecksumError(MogeError, ValueError):
     """A file's sha256 is not the pinned one (a corrupted cache entry or a tampered download)."""
 
 
-class DownloadError(RuntimeError):
+class DownloadError(MogeError, RuntimeError):
     """The registry could not be reached, or does not list the pinned file."""
 
 

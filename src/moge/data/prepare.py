@@ -20,6 +20,7 @@ from moge.data.corpus import SPLITS, Document, split_documents, text_sha256
 from moge.data.fetch import Downloader, default_cache_dir, ensure_archive, sha256_file
 from moge.data.shards import FORMAT_VERSION, MANIFEST_FILE, concat_documents, shard_relpath, verify_outputs, write_shard
 from moge.data.sources import Source, select_sources
+from moge.errors import ConfigError
 from moge.io import atomic_write_text
 
 DEFAULT_OUT = Path("data") / "corpus"
@@ -69,17 +70,17 @@ def prepare(out_dir: str | Path = DEFAULT_OUT, *, cache_dir: str | Path | None =
     say = log or (lambda _msg: None)
     bpe.check_vocab_size(vocab_size)
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} is invalid: must be strictly between 0 and 1")
+        raise ConfigError(f"val_fraction={val_fraction} is invalid: must be strictly between 0 and 1")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r} is invalid: must be a non-negative integer")
+        raise ConfigError(f"seed={seed!r} is invalid: must be a non-negative integer")
     if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
-        raise ValueError(f"min_frequency={min_frequency!r} is invalid: must be a positive integer")
+        raise ConfigError(f"min_frequency={min_frequency!r} is invalid: must be a positive integer")
     sources = list(sources) if sources is not None else select_sources(domains)
     if not sources:
-        raise ValueError("no sources given: a corpus needs at least one domain")
+        raise ConfigError("no sources given: a corpus needs at least one domain")
     seen = [s.domain for s in sources]
     if len(set(seen)) != len(seen):
-        raise ValueError(f"sources name domains {seen}: each domain may appear once")
+        raise ConfigError(f"sources name domains {seen}: each domain may appear once")
     config = build_config(sources, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed,
                           min_frequency=min_frequency)
 
@@ -104,10 +105,10 @@ def prepare(out_dir: str | Path = DEFAULT_OUT, *, cache_dir: str | Path | None =
             path = ensure_archive(source.archive, cache, index_url=index_url, download=download, progress=progress)
         found = source.extract(path)
         if not found:
-            raise ValueError(f"source {source.domain!r} produced no documents")
+            raise ConfigError(f"source {source.domain!r} produced no documents")
         wrong = [d for d in found if d.domain != source.domain]
         if wrong:
-            raise ValueError(f"source {source.domain!r} produced document {wrong[0].name!r} labelled "
+            raise ConfigError(f"source {source.domain!r} produced document {wrong[0].name!r} labelled "
                              f"{wrong[0].domain!r}: every document must carry its source's domain")
         say(f"{source.domain}: {len(found)} documents, {sum(len(d.text) for d in found):,} characters")
         docs += found

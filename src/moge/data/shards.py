@@ -23,6 +23,7 @@ import numpy as np
 
 from moge.data.corpus import SPLITS
 from moge.data.fetch import ChecksumError, sha256_file
+from moge.errors import ConfigError, MissingFileError
 from moge.io import atomic_write_bytes
 
 MANIFEST_FILE = "manifest.json"
@@ -32,7 +33,7 @@ SHARD_DTYPE = np.uint16
 
 def shard_relpath(split: str, domain: str) -> str:
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is invalid: valid splits are {', '.join(SPLITS)}")
+        raise ConfigError(f"split={split!r} is invalid: valid splits are {', '.join(SPLITS)}")
     return f"{split}/{domain}.npy"
 
 
@@ -55,7 +56,7 @@ def write_shard(path: Path, ids: np.ndarray) -> None:
     """Atomically write a 1-D uint16 `.npy` file."""
     ids = np.asarray(ids)
     if ids.ndim != 1 or ids.dtype != SHARD_DTYPE:
-        raise ValueError(f"a shard must be a 1-D {np.dtype(SHARD_DTYPE).name} array, got {ids.ndim}-D {ids.dtype}")
+        raise ConfigError(f"a shard must be a 1-D {np.dtype(SHARD_DTYPE).name} array, got {ids.ndim}-D {ids.dtype}")
     buf = io.BytesIO()
     np.save(buf, ids, allow_pickle=False)
     atomic_write_bytes(Path(path), buf.getvalue())
@@ -65,10 +66,10 @@ def read_shard(path: Path) -> np.ndarray:
     """A read-only memory map of a shard (a plain empty array for an empty shard)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"token shard {path} does not exist (run `moge data prepare` again)")
+        raise MissingFileError(f"token shard {path} does not exist (run `moge data prepare` again)")
     arr = np.load(path, mmap_mode="r", allow_pickle=False)
     if arr.dtype != SHARD_DTYPE or arr.ndim != 1:
-        raise ValueError(f"token shard {path} holds a {arr.ndim}-D {arr.dtype} array, expected 1-D uint16")
+        raise ConfigError(f"token shard {path} holds a {arr.ndim}-D {arr.dtype} array, expected 1-D uint16")
     return arr
 
 
@@ -87,15 +88,15 @@ class TokenShards:
         self.root = Path(root)
         path = self.root / MANIFEST_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: {self.root} is not a prepared corpus "
+            raise MissingFileError(f"{path} does not exist: {self.root} is not a prepared corpus "
                                     f"(run `moge data prepare --out {self.root}`)")
         try:
             self.manifest: dict = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT_VERSION:
             found = self.manifest.get("format") if isinstance(self.manifest, dict) else None
-            raise ValueError(f"{path} has format {found!r}, this version of moge reads format {FORMAT_VERSION}: "
+            raise ConfigError(f"{path} has format {found!r}, this version of moge reads format {FORMAT_VERSION}: "
                              f"run `moge data prepare --out {self.root}` again")
         if verify:
             self.verify()
@@ -113,7 +114,7 @@ class TokenShards:
     def tokens(self, split: str, domain: str) -> np.ndarray:
         """The memory-mapped uint16 ids of one split of one domain."""
         if domain not in self.domains:
-            raise ValueError(f"domain={domain!r} is not in this corpus: valid domains are {', '.join(self.domains)}")
+            raise ConfigError(f"domain={domain!r} is not in this corpus: valid domains are {', '.join(self.domains)}")
         key = (split, domain)
         if key not in self._shards:
             self._shards[key] = read_shard(self.root / shard_relpath(split, domain))
@@ -148,7 +149,7 @@ class TokenShards:
         _check_positive("batch_size", batch_size)
         count = self.num_val_windows(domain, seq_len)
         if count == 0:
-            raise ValueError(f"domain {domain!r} has {len(self.tokens('val', domain))} validation tokens, too few "
+            raise ConfigError(f"domain {domain!r} has {len(self.tokens('val', domain))} validation tokens, too few "
                              f"for one window of seq_len + 1 = {seq_len + 1}: lower seq_len")
         if max_windows is not None:
             count = min(count, _check_positive("max_windows", max_windows))
@@ -174,9 +175,9 @@ class TrainSampler:
         self.batch_size = _check_positive("batch_size", batch_size)
         self.seq_len = _check_positive("seq_len", seq_len)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed={seed!r} is invalid: must be a non-negative integer")
+            raise ConfigError(f"seed={seed!r} is invalid: must be a non-negative integer")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step={step!r} is invalid: must be a non-negative integer")
+            raise ConfigError(f"step={step!r} is invalid: must be a non-negative integer")
         self.seed = seed
         self.step = step
         self.weights = self._weights(weights)
@@ -185,7 +186,7 @@ class TrainSampler:
         self._train = [shards.tokens("train", d) for d in shards.domains]
         for d, ids, p in zip(shards.domains, self._train, self._p):
             if p > 0 and len(ids) < seq_len + 1:
-                raise ValueError(f"domain {d!r} has {len(ids)} training tokens, too few for one window of "
+                raise ConfigError(f"domain {d!r} has {len(ids)} training tokens, too few for one window of "
                                  f"seq_len + 1 = {seq_len + 1}: lower seq_len or give the domain weight 0")
 
     def _weights(self, weights: Mapping[str, float] | None) -> dict[str, float]:
@@ -194,14 +195,14 @@ class TrainSampler:
             return {d: float(self.shards.num_tokens("train", d)) for d in domains}
         unknown = [d for d in weights if d not in domains]
         if unknown:
-            raise ValueError(f"weights name domain {unknown[0]!r}, which is not in this corpus: valid domains "
+            raise ConfigError(f"weights name domain {unknown[0]!r}, which is not in this corpus: valid domains "
                              f"are {', '.join(domains)}")
         out = {d: float(weights.get(d, 0.0)) for d in domains}
         bad = [d for d, w in out.items() if not np.isfinite(w) or w < 0]
         if bad:
-            raise ValueError(f"weights[{bad[0]!r}]={out[bad[0]]} is invalid: weights must be finite and >= 0")
+            raise ConfigError(f"weights[{bad[0]!r}]={out[bad[0]]} is invalid: weights must be finite and >= 0")
         if sum(out.values()) <= 0:
-            raise ValueError(f"weights {dict(weights)} are all zero: at least one domain needs a positive weight")
+            raise ConfigError(f"weights {dict(weights)} are all zero: at least one domain needs a positive weight")
         return out
 
     def batch(self, step: int, micro: int = 0) -> Batch:
@@ -209,7 +210,7 @@ class TrainSampler:
         (independent of any earlier call)."""
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0 \
                 or isinstance(micro, bool) or not isinstance(micro, (int, np.integer)) or micro < 0:
-            raise ValueError(f"step={step!r}, micro={micro!r} are invalid: both must be non-negative integers")
+            raise ConfigError(f"step={step!r}, micro={micro!r} are invalid: both must be non-negative integers")
         rng = np.random.default_rng([self.seed, int(step), int(micro)])
         domains = rng.choice(len(self._p), size=self.batch_size, p=self._p)
         highs = np.array([len(self._train[d]) - self.seq_len for d in domains], dtype=np.int64)
@@ -255,5 +256,5 @@ def verify_outputs(root: Path, outputs: Mapping[str, Mapping]) -> list[str]:
 
 def _check_positive(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
+        raise ConfigError(f"{name}={value!r} is invalid: must be a positive integer")
     return int(value)

