@@ -5,6 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from moge.errors import ConfigError
 from moge.nn.experts import SwiGLUExperts, combine, linear, permute, reference_experts
 
 BACKENDS = ["loop", "grouped_mm"]
@@ -88,13 +89,19 @@ def test_combine_is_deterministic_bitwise():
         assert torch.equal(experts(x, ids, w, backend="loop"), first)
 
 
-def test_unaligned_shapes_fall_back_from_grouped_mm():
-    experts = SwiGLUExperts(4, 6, 5, backend="grouped_mm")  # 24-byte rows: not 16-byte aligned
-    x = torch.randn(7, 6)
-    assert experts.resolve_backend(x) == "loop"
+def test_requested_grouped_mm_on_unaligned_shapes_raises_instead_of_falling_back():
+    x = torch.randn(7, 6)  # hidden_size=6 in fp32: 24-byte rows, not 16-byte aligned
     ids = torch.randint(0, 4, (7, 1))
     w = torch.ones(7, 1)
-    torch.testing.assert_close(experts(x, ids, w), experts(x, ids, w, backend="reference"))
+    experts = SwiGLUExperts(4, 6, 5, backend="grouped_mm")
+    with pytest.raises(ConfigError, match=r"backend='grouped_mm' cannot run here: .*hidden_size=6 .*"
+                                          r"torch.float32.*backend='auto'.*backend='loop'"):
+        experts(x, ids, w)
+    with pytest.raises(ConfigError, match="backend='grouped_mm'"):
+        SwiGLUExperts(4, 6, 5)(x, ids, w, backend="grouped_mm")
+    auto = SwiGLUExperts(4, 6, 5)  # only `auto` chooses: it picks a kernel that runs
+    assert auto.resolve_backend(x) == "loop"
+    torch.testing.assert_close(auto(x, ids, w), auto(x, ids, w, backend="reference"))
 
 
 def test_bad_backend_name_is_rejected():
@@ -133,3 +140,19 @@ def test_few_row_linear_equals_f_linear(rows):
         got = linear(x, weight, b)
         assert got.shape == (1, rows, 1024)
         torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b), atol=1e-4, rtol=1e-5)
+
+
+def test_compiled_grouped_mm_op_passes_torch_opcheck():
+    """`moge::grouped_mm` (grouped_mm as torch.compile sees it): schema, shape-only fake kernel and
+    hand-written backward checked by torch's own op tests, empty groups included."""
+    from moge.nn.experts import _grouped_mm_op
+
+    torch.manual_seed(0)
+    a = torch.randn(7, 8, requires_grad=True)
+    b = torch.randn(4, 16, 8).transpose(-2, -1).requires_grad_()
+    offs = torch.tensor([2, 2, 5, 7], dtype=torch.int32)  # expert 1 gets no rows
+    torch.library.opcheck(_grouped_mm_op, (a, b, offs))
+    y = _grouped_mm_op(a, b, offs)
+    torch.testing.assert_close(y, torch.nn.functional.grouped_mm(a, b, offs=offs))
+    y.backward(torch.ones_like(y))
+    assert torch.all(b.grad[1] == 0)

@@ -8,24 +8,10 @@ import torch
 
 from moge.config import PRESETS
 from moge.inference.generate import Sampling, generate
-from moge.nn.model import KVCache, PanguProMoEForCausalLM
+from moge.nn.model import KVCache, PanguProMoEForCausalLM, rope_cos_sin, rope_tables
+from models import make_model, tiny_config
 
-TINY = PRESETS["moge-tiny"].replace(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                    num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,
-                                    shared_expert_intermediate_size=24, max_position_embeddings=64,
-                                    eos_token_id=2, rope_theta=10000.0)
-
-
-def make_model(cfg=TINY, seed=0):
-    torch.manual_seed(seed)
-    model = PanguProMoEForCausalLM(cfg)
-    with torch.no_grad():  # non-trivial values everywhere, biases and router_scale included
-        for name, p in model.named_parameters():
-            if name.endswith("router_scale") or "layernorm" in name or name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model.eval()
+TINY = tiny_config()
 
 
 def reference_logits(model, ids):
@@ -56,7 +42,7 @@ def reference_logits(model, ids):
     hs = [sd["model.embed_tokens.weight"][t].clone() for t in ids]
     for layer in range(cfg.num_layers):
         p = f"model.layers.{layer}."
-        lin = lambda name, x: sd[p + name + ".weight"] @ x + sd[p + name + ".bias"]  # noqa: E731
+        lin = lambda name, x, p=p: sd[p + name + ".weight"] @ x + sd[p + name + ".bias"]  # noqa: E731
         keys, vals, new = [], [], []
         for t in range(S):
             x = rms(hs[t], sd[p + "input_layernorm.weight"])
@@ -159,6 +145,11 @@ def test_bad_input():
         model(torch.tensor([[1, 97]]))
     with pytest.raises(ValueError, match="exceeds max_position_embeddings=64"):
         model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="position 64 is out of range: valid positions are 0..63"):
+        model(torch.tensor([[1, 2]]), positions=torch.tensor([[0, 64]]))
+    with pytest.raises(ValueError, match="next_ids token id 97 is out of range"):
+        make_model(TINY.replace(num_mtp_modules=1)).mtp_forward(torch.zeros(1, 1, TINY.hidden_size),
+                                                               torch.tensor([[97]]))
     with pytest.raises(ValueError, match="exceeds the context of 64"):
         generate(model, [[1] * 60], max_new_tokens=10)
     with pytest.raises(ValueError, match="prompt 1: token id -1"):
@@ -167,6 +158,36 @@ def test_bad_input():
         Sampling(temperature=-1)
     with pytest.raises(ValueError, match="top_p=0"):
         Sampling(top_p=0)
+
+
+def test_rope_tables_are_built_once_and_equal_the_float64_formula():
+    """RoPE reads cached cos/sin rows; they are bit-equal to computing each position's angle in
+    float64 and rounding once, as the model did per call before the tables."""
+    pos = torch.tensor([[0, 5, 63], [1, 2, 40]])
+    cos, sin = rope_cos_sin(pos, 8, 10000.0, 64)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))
+    angles = pos.double().unsqueeze(-1) * inv_freq
+    angles = torch.cat([angles, angles], -1).unsqueeze(1)
+    assert cos.shape == (2, 1, 3, 8) and cos.dtype == torch.float32
+    assert torch.equal(cos, angles.cos().float()) and torch.equal(sin, angles.sin().float())
+    first = rope_tables(8, 10000.0, 64, torch.device("cpu"))
+    assert rope_tables(8, 10000.0, 64, torch.device("cpu"))[0] is first[0]  # cached, not rebuilt
+    assert rope_tables(8, 10000.0, 64, torch.device("cpu"), torch.float64)[0].dtype == torch.float64
+
+
+def test_cache_records_padding_on_the_host():
+    """Whether a decode step needs a mask is a host fact (a padding mask was passed), not read from
+    the device; the masked decode still equals the row decoded alone."""
+    model = make_model()
+    plain = KVCache.allocate(TINY, 1, 8, torch.float32)
+    model(torch.tensor([[5, 6, 7]]), cache=plain)
+    assert not plain.padded
+    padded = KVCache.allocate(TINY, 2, 8, torch.float32)
+    model(torch.tensor([[0, 5, 6, 7], [4, 5, 6, 7]]), cache=padded, attention_mask=torch.tensor([[0, 1, 1, 1],
+                                                                                                 [1, 1, 1, 1]]))
+    assert padded.padded
+    step = model(torch.tensor([[9], [9]]), cache=padded).logits[0]
+    torch.testing.assert_close(step, model(torch.tensor([[9]]), cache=plain).logits[0], atol=1e-5, rtol=1e-5)
 
 
 def test_pangu_parameter_counts_on_meta_device():

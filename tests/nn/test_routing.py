@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moge.config import MoEConfig
-from moge.nn.routing import Router, group_limited_topk, grouped_topk, route
+from moge.nn.routing import Router, expert_counts, group_limited_topk, grouped_topk, route
 
 
 @st.composite
@@ -136,6 +136,19 @@ def test_non_finite_logits_raise(bad):
     logits[2, 3] = bad
     with pytest.raises(FloatingPointError, match="1 of 4 tokens"):
         route(logits, cfg)
+    # compiled, the check is a device-side assert (no host sync, no graph break)
+    compiled = torch.compile(lambda t: route(t, cfg).weights_TK, backend="aot_eager", fullgraph=True)
+    assert compiled(torch.randn(4, 8)).shape == (4, 2)
+    with pytest.raises(RuntimeError, match="router logits are not finite"):
+        compiled(logits)
+
+
+@given(t=st.integers(0, 30), n=st.integers(1, 9), k=st.integers(1, 3), seed=st.integers(0, 1000))
+def test_expert_counts_equal_bincount(t, n, k, seed):
+    ids = torch.randint(0, n, (t, k), generator=torch.Generator().manual_seed(seed))
+    counts = expert_counts(ids, n)
+    assert counts.dtype == torch.int64
+    assert torch.equal(counts, torch.bincount(ids.reshape(-1), minlength=n))
 
 
 def test_aux_free_bias_changes_selection_not_weights_and_updates_by_sign():

@@ -1,6 +1,6 @@
 """Speculative decoding with the model's own multi-token-prediction (MTP) module.
 
-The MTP module (moge.model.MTPModule, DeepSeek-V3 arXiv 2412.19437) predicts token t+2 from the
+The MTP module (moge.nn.model.MTPModule, DeepSeek-V3 arXiv 2412.19437) predicts token t+2 from the
 trunk's hidden state at t and the embedding of token t+1, so after each verified step it has a
 guess for the token after next. One iteration:
 
@@ -18,7 +18,7 @@ guess for the token after next. One iteration:
    Speculative Decoding"; Chen et al. 2023, "Accelerating Large Language Model Decoding with
    Speculative Sampling"). When every draft passes, a bonus token is drawn from p_k. Each emitted
    token therefore follows the target distribution exactly; p and q both use the same
-   temperature / top-k / top-p (moge.generate.sampling_probs).
+   temperature / top-k / top-p (moge.inference.generate.sampling_probs).
 4. roll back: the trunk's KV cache drops the rejected drafts (KVCache.truncate); the MTP module's
    cache drops its chained guesses and takes the trunk's now known hidden states for the accepted
    positions, which also gives the next draft.
@@ -27,7 +27,7 @@ Batches: every row accepts its own number of drafts. The KV caches keep one colu
 the batch, so the batch keeps as many new columns as the longest accepted run needs and masks
 each other row's rejected slots as holes (like left padding: masked in attention, not counted
 in positions). Each row thus runs exactly the single-row algorithm, and greedy output is
-token-for-token that of `moge.generate.generate` at any batch size. Holes cost cache columns
+token-for-token that of `moge.inference.generate.generate` at any batch size. Holes cost cache columns
 (at most num_draft + 1 per token); where the cache (capped at max_position_embeddings) could
 run short, a step keeps only the shortest accepted run instead, and rows that accepted more emit
 their accepted draft at that point - still exact: whether to cut is decided before the tests,
@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moge.errors import ConfigError
 from moge.inference.generate import GenerationResult, Sampling, check_prompts, left_pad, sample_next, sampling_probs
 from moge.nn.model import KVCache, PanguProMoEForCausalLM
 
@@ -83,10 +84,10 @@ def _check_inputs(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]
                   num_draft: int) -> None:
     cfg = model.config
     if not cfg.num_mtp_modules:
-        raise ValueError("speculative decoding needs a model with an MTP module (num_mtp_modules=1, config.json "
+        raise ConfigError("speculative decoding needs a model with an MTP module (num_mtp_modules=1, config.json "
                          "key num_nextn_predict_layers); train one with `moge train --mtp --mtp-weight 0.3`")
     if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
-        raise ValueError(f"num_draft={num_draft!r} is invalid: must be an integer >= 1 (draft tokens per step)")
+        raise ConfigError(f"num_draft={num_draft!r} is invalid: must be an integer >= 1 (draft tokens per step)")
     check_prompts(cfg, prompts, max_new_tokens)
 
 
@@ -100,7 +101,7 @@ def speculative_generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequen
                          stop_ids: Sequence[int] | None = None,
                          on_token: Callable[[int, int], None] | None = None,
                          num_draft: int = 1) -> SpeculativeResult:
-    """`moge.generate.generate` with MTP drafts verified by the trunk: same arguments, same stop
+    """`moge.inference.generate.generate` with MTP drafts verified by the trunk: same arguments, same stop
     and length rules, same output for greedy decoding and the same distribution when sampling.
     `num_draft` tokens are drafted per step (more than 1 chains the MTP module)."""
     _check_inputs(model, prompts, max_new_tokens, num_draft)
@@ -220,7 +221,7 @@ def speculative_generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequen
         # 4. roll back: drop the columns no row kept, mask each row's rejected slots
         cache.truncate(start + K + 1)
         kept_B = torch.arange(K + 1, device=device).unsqueeze(0) <= acc_B.unsqueeze(1)  # [B, K + 1]
-        cache.valid_BT[:, start:start + K + 1] &= kept_B
+        cache.hide(start, kept_B)
         stats["drafted"] += k * len(active)
         stats["accepted"] += sum(run[row] for row in active)
         stats["emitted_drafts"] += sum(acc[row] for row in active)

@@ -12,6 +12,16 @@ Backends (same weights, same results):
   grouped_mm  torch.nn.functional.grouped_mm over the sorted rows (needs 16-byte aligned rows)
   loop        a Python loop over the experts that received tokens, hand-written backward
   reference   straight from the paper's formula: every expert on every token, y = sum_i G_i * E_i(x)
+
+Host syncs (a device -> host copy stalls an accelerator's queue and breaks a torch.compile graph):
+  grouped_mm  none: the per-expert row counts stay on the device as grouped_mm's offsets. Under
+              torch.compile it runs as the opaque op `moge::grouped_mm` (see `grouped_mm`).
+  loop        one, by nature: a Python loop over experts needs their row counts on the host
+              (`counts_E.tolist()`). Cheap in eager CPU use, where it is the fastest kernel for
+              large batches; a graph break under torch.compile.
+  reference   none (every expert on every token).
+  `auto` therefore picks grouped_mm on accelerators and whenever torch.compile is tracing; the
+  eager CPU shortcut for one token (its expert ids as a Python list) is skipped under compile.
 """
 
 from __future__ import annotations
@@ -22,6 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moge.errors import ConfigError
+from moge.nn.routing import expert_counts
+
 
 def permute(experts_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """Sort the T*K token slots by expert (stable, so ties keep token order).
@@ -31,7 +44,7 @@ def permute(experts_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tenso
     """
     flat_R = experts_TK.reshape(-1)
     order_R = torch.argsort(flat_R, stable=True)
-    counts_E = torch.bincount(flat_R, minlength=num_experts)
+    counts_E = expert_counts(experts_TK, num_experts)
     return order_R, order_R // experts_TK.shape[-1], counts_E
 
 
@@ -47,10 +60,28 @@ def combine(out_RD: Tensor, order_R: Tensor, weights_TK: Tensor) -> Tensor:
 
 def grouped_mm_supported(x: Tensor, hidden: int, ffn: int) -> bool:
     """grouped_mm exists in this torch and the row strides are 16-byte multiples."""
+    return grouped_mm_unsupported_reason(x, hidden, ffn) is None
+
+
+def grouped_mm_unsupported_reason(x: Tensor, hidden: int, ffn: int) -> str | None:
+    """Why grouped_mm cannot run these shapes (None when it can)."""
     if not hasattr(F, "grouped_mm"):
-        return False
+        return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm"
     size = x.element_size()
-    return (hidden * size) % 16 == 0 and (ffn * size) % 16 == 0 and (2 * ffn * size) % 16 == 0
+    for name, width in (("hidden_size", hidden), ("expert_intermediate_size", ffn)):
+        if (width * size) % 16:
+            return (f"its row stride must be a multiple of 16 bytes, and {name}={width} in {x.dtype} "
+                    f"({size} bytes each) gives {width * size}")
+    return None
+
+
+def check_backend_runs(backend: str, x: Tensor, hidden: int, ffn: int) -> str:
+    """An explicitly requested kernel runs as asked, or raises naming why and what would run."""
+    reason = grouped_mm_unsupported_reason(x, hidden, ffn) if backend == "grouped_mm" else None
+    if reason:
+        raise ConfigError(f"backend='grouped_mm' cannot run here: {reason}; use backend='auto' (picks a kernel "
+                          "that runs) or backend='loop'")
+    return backend
 
 
 # Up to this many rows, `linear` computes weight @ x.T on CPU (measured with D=512 weights on 2
@@ -69,7 +100,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     another order) splits the weight's rows over the threads and streams the weight 1.2-3x
     faster. One row takes MKL's single-threaded matrix-vector path either way; for weights of
     DOUBLE_ROW_MIN_WEIGHT elements and more it is doubled into two rows, which is faster still.
-    With one thread, on other devices and for many rows this is plain F.linear."""
+    With one thread, on other devices, for many rows and under torch.compile (the compiler picks
+    its own kernels; reading the thread count would break the graph) this is plain F.linear."""
+    if torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.device.type != "cpu" or not 0 < rows <= FEW_ROWS or torch.get_num_threads() < 2:
         return F.linear(x, weight, bias)
@@ -114,25 +148,32 @@ class SwiGLUExperts(nn.Module):
         while experts get few rows each (it is one C++ loop of matmuls, less Python overhead), the
         loop kernel from GROUPED_MM_MAX_ROWS_PER_EXPERT rows per expert on (its gather-in-cache
         and hand-written backward win there; measurements in docs/benchmarks.md). A requested
-        kernel that this torch or these shapes cannot run falls back to the loop (same numbers).
-        When no gradient is needed on CPU (generation), `forward` also takes shortcuts with the
-        same sums: one token skips the permutation, and grouped_mm runs as weight @ x.T."""
-        can_gmm = grouped_mm_supported(x, self.hidden_size, self.intermediate_size)
+        kernel runs or raises ConfigError: only `auto` chooses.
+        When no gradient is needed on eager CPU (generation), `forward` also takes shortcuts with
+        the same sums: one token skips the permutation, and grouped_mm runs as weight @ x.T.
+        Under torch.compile `auto` is grouped_mm: the loop kernel syncs (see the module docstring)."""
         if self.backend != "auto":
-            return "loop" if self.backend == "grouped_mm" and not can_gmm else self.backend
-        if not can_gmm:
+            return check_backend_runs(self.backend, x, self.hidden_size, self.intermediate_size)
+        if not grouped_mm_supported(x, self.hidden_size, self.intermediate_size):
             return "loop"
-        if x.device.type != "cpu" or rows is None:
-            return "grouped_mm" if x.device.type != "cpu" else "loop"
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return "grouped_mm"
+        if rows is None:
+            return "loop"
         return "grouped_mm" if rows < GROUPED_MM_MAX_ROWS_PER_EXPERT * self.num_experts else "loop"
 
     def forward(self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, backend: str | None = None) -> Tensor:
         chosen = backend or self.backend
-        backend = backend or self.resolve_backend(x_TD, experts_TK.numel())
+        if backend is None:
+            backend = self.resolve_backend(x_TD, experts_TK.numel())
+        else:
+            check_backend_runs(backend, x_TD, self.hidden_size, self.intermediate_size)
         if backend == "reference":
             return reference_experts(x_TD, experts_TK, weights_TK, self.gate_up_proj, self.down_proj)
-        inference = x_TD.device.type == "cpu" and not (torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x_TD, weights_TK, self.gate_up_proj, self.down_proj)))
+        # eager CPU without gradients: rearranged kernels (same sums) that stream weights faster
+        inference = x_TD.device.type == "cpu" and not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weights_TK, self.gate_up_proj,
+                                                                       self.down_proj)))
         if inference and x_TD.shape[0] == 1 and chosen == "auto":
             return _one_token_experts(x_TD.to(self.gate_up_proj.dtype), experts_TK[0].tolist(), weights_TK[0],
                                       self.gate_up_proj, self.down_proj)
@@ -240,10 +281,53 @@ class _LoopExperts(torch.autograd.Function):
         return grad_x, None, grad_w, None, grad_gu, grad_dn
 
 
+@torch.library.custom_op("moge::grouped_mm", mutates_args=())
+def _grouped_mm_op(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    return F.grouped_mm(a, b, offs=offs)
+
+
+@_grouped_mm_op.register_fake
+def _(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    if a.dim() == 2 and b.dim() == 3:  # rows grouped: [R, K] x [E, K, N] -> [R, N]
+        return a.new_empty(a.shape[0], b.shape[-1])
+    if a.dim() == 2 and b.dim() == 2:  # reduction grouped: [K, R] x [R, N] -> [E, K, N]
+        return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])
+    raise ValueError(f"moge::grouped_mm supports [R, K] x [E, K, N] and [K, R] x [R, N], got "
+                     f"{tuple(a.shape)} x {tuple(b.shape)}")
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    a, b, offs = inputs
+    ctx.save_for_backward(a, b, offs)
+
+
+def _grouped_mm_backward(ctx, grad_RN: Tensor):
+    a_RK, b_EKN, offs = ctx.saved_tensors
+    grad_RN = grad_RN.contiguous()  # grouped_mm rejects the stride-0 gradients of a sum()
+    grad_a = _grouped_mm_op(grad_RN, b_EKN.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
+    grad_b = _grouped_mm_op(a_RK.t(), grad_RN, offs) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def grouped_mm(a_RK: Tensor, b_EKN: Tensor, offs_E: Tensor) -> Tensor:
+    """`F.grouped_mm(a_RK, b_EKN, offs=offs_E)`: each expert's rows of a times its matrix of b.
+
+    Eager calls go straight to torch. Under torch.compile it is the custom op `moge::grouped_mm`:
+    torch 2.13's shape-only (fake) kernel for grouped_mm accepts bfloat16 alone, while the CPU and
+    CUDA kernels run float32 too, so tracing a float32 model would fail. The op is opaque to the
+    compiler, with a shape-only fake and the backward written out (two more grouped products)."""
+    if torch.compiler.is_compiling():
+        return _grouped_mm_op(a_RK, b_EKN, offs_E)
+    return F.grouped_mm(a_RK, b_EKN, offs=offs_E)
+
+
 def _grouped_mm_experts(x_RD: Tensor, counts_E: Tensor, gate_up_E2FD: Tensor, down_EDF: Tensor) -> Tensor:
     offs_E = counts_E.cumsum(0).to(torch.int32)
-    h_R2F = F.grouped_mm(x_RD, gate_up_E2FD.transpose(-2, -1), offs=offs_E)
-    return F.grouped_mm(_swiglu(h_R2F), down_EDF.transpose(-2, -1), offs=offs_E)
+    h_R2F = grouped_mm(x_RD, gate_up_E2FD.transpose(-2, -1), offs_E)
+    return grouped_mm(_swiglu(h_R2F), down_EDF.transpose(-2, -1), offs_E)
 
 
 def _grouped_mm_experts_weight_left(x_RD: Tensor, counts_E: Tensor, gate_up_E2FD: Tensor,

@@ -6,9 +6,15 @@
 Attention is GQA with biases on q, k, v and o, RoPE over the full head dim (rotate-half), causal
 `scaled_dot_product_attention`. The MLP is a MoGEBlock (or a dense SwiGLU when the config has no
 experts). Parameter names follow the release (`model.layers.{i}.self_attn.q_proj.weight`, ...);
-only the routed experts are stacked, and checkpoint.py maps them to the per-expert keys.
+only the routed experts are stacked, and moge.checkpoint.layout maps them to the per-expert keys.
 An optional multi-token-prediction module (`MTPModule`, `model.mtp.0.*`, `mtp_forward`) predicts
 token t+2 for MTP training and speculative decoding (moge.inference.speculative).
+
+The forward copies nothing from the device to the host, so it runs ahead in an accelerator's queue
+and `torch.compile` traces it whole: the attention mask is chosen from host facts (was a padding
+mask passed, has the cache seen one), RoPE reads cached tables, and id checks are device-side
+asserts except in eager CPU runs (see `check_range`). Callers validate at their boundary
+(generate checks every prompt before the first forward).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moge.errors import ConfigError
 from moge.config import ModelConfig
 from moge.nn.experts import linear
 from moge.nn.moe import Linear, MoGEBlock, SwiGLU
@@ -39,13 +46,48 @@ class RMSNorm(nn.Module):
         return (x32 * self.weight.float()).to(x.dtype)
 
 
-def rope_cos_sin(positions_BS: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin tables [B, 1, S, head_dim] for the given positions (rotate-half layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_BS.device, dtype=torch.float64)
-                                / head_dim))
-    angles = positions_BS.to(torch.float64).unsqueeze(-1) * inv_freq  # [B, S, hd/2]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float().unsqueeze(1), angles.sin().float().unsqueeze(1)
+def check_range(values: Tensor, high: int, what: str, valid: str) -> None:
+    """Every value must be in 0..high-1; checked without a host sync.
+
+    Eager CPU checks right away (reading a CPU tensor needs no sync) and raises ValueError naming
+    the first bad value: "{what} {value} is out of range: {valid}". On accelerators and under
+    torch.compile it is a device-side assert (`torch._assert_async`): no sync, no graph break; the
+    failure surfaces as a RuntimeError at the next synchronisation."""
+    if values.device.type == "cpu" and not torch.compiler.is_compiling():
+        outside = (values < 0) | (values >= high)
+        if bool(outside.any()):
+            raise ConfigError(f"{what} {int(values[outside][0])} is out of range: {valid}")
+        return
+    torch._assert_async(((values >= 0) & (values < high)).all(), f"a {what} is out of range: {valid}")
+
+
+# (head_dim, theta, positions, device, dtype) -> cos/sin [positions, head_dim]; see `rope_tables`
+_ROPE_TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def rope_tables(head_dim: int, theta: float, max_positions: int, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """cos/sin [max_positions, head_dim] (rotate-half layout) for positions 0..max_positions-1.
+
+    Built once per (device, dtype) and kept for the life of the process, so a forward only gathers
+    rows (2 x 64 MB for Pangu Pro MoE's 131072 positions x 128 dims). The angles are computed in
+    float64 on the CPU (a float32 angle is off by up to ~1e-2 rad at position 10^5) and rounded
+    once to `dtype`: the same numbers as computing them per call."""
+    key = (head_dim, float(theta), max_positions, device, dtype)
+    tables = _ROPE_TABLES.get(key)
+    if tables is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.arange(max_positions, dtype=torch.float64).unsqueeze(-1) * inv_freq  # [P, hd/2]
+        angles = torch.cat([angles, angles], dim=-1)
+        tables = (angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype))
+        _ROPE_TABLES[key] = tables
+    return tables
+
+
+def rope_cos_sin(positions_BS: Tensor, head_dim: int, theta: float, max_positions: int) -> tuple[Tensor, Tensor]:
+    """cos/sin [B, 1, S, head_dim] fp32 for the given positions (each in 0..max_positions-1)."""
+    cos_PH, sin_PH = rope_tables(head_dim, theta, max_positions, positions_BS.device)
+    return cos_PH[positions_BS].unsqueeze(1), sin_PH[positions_BS].unsqueeze(1)
 
 
 def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -59,13 +101,16 @@ class KVCache:
     """Preallocated keys/values for every layer: [L, B, H_kv, max_len, head_dim] each.
 
     `length` tokens are filled for every row (left padding keeps rows aligned); `valid_BT` marks
-    which cached slots are real tokens (False for padding), for the attention mask.
+    which cached slots are real tokens (False for padding), for the attention mask. `padded` is the
+    host's record that a padding mask was ever passed, so a decode step knows without reading
+    `valid_BT` whether it needs a mask.
     """
 
     k: Tensor
     v: Tensor
     valid_BT: Tensor
     length: int = 0
+    padded: bool = False
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
@@ -90,11 +135,17 @@ class KVCache:
         self.valid_BT[:, self.length:self.length + tokens] = valid_new_BS
         self.length += tokens
 
+    def hide(self, start: int, keep_BS: Tensor) -> None:
+        """Turn the cached slots from `start` on where `keep_BS` is False into padding (speculative
+        decoding's rejected drafts): every later step masks them out."""
+        self.valid_BT[:, start:start + keep_BS.shape[1]] &= keep_BS
+        self.padded = True
+
     def truncate(self, length: int) -> None:
         """Forget every slot from `length` on (speculative decoding drops rejected drafts this way).
         The keys/values left behind are never read: the next `update` overwrites them first."""
         if not 0 <= length <= self.length:
-            raise ValueError(f"length={length} is invalid: must be in [0, {self.length}] (the cached length)")
+            raise ConfigError(f"length={length} is invalid: must be in [0, {self.length}] (the cached length)")
         self.valid_BT[:, length:self.length] = False
         self.length = length
 
@@ -120,7 +171,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        is_causal = mask is None and S > 1
+        is_causal = True if mask is None and S > 1 else False  # a Python bool even when S is symbolic
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=h != kv)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, h * hd))
 
@@ -208,12 +259,10 @@ class PanguProMoEForCausalLM(nn.Module):
         restricts the lm_head to some positions (e.g. the last one during generation)."""
         cfg = self.config
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+            raise ConfigError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, S = input_ids.shape
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
-            bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)]
-            raise ValueError(f"token id {int(bad[0])} is out of range: valid ids are 0..{cfg.vocab_size - 1} "
-                             f"(vocab_size={cfg.vocab_size})")
+        check_range(input_ids, cfg.vocab_size, "token id",
+                    f"valid ids are 0..{cfg.vocab_size - 1} (vocab_size={cfg.vocab_size})")
         past, valid_BT, mask, cos, sin = attention_inputs(cfg, B, S, positions, cache, attention_mask,
                                                           input_ids.device)
         h = self.model.embed_tokens(input_ids)
@@ -242,15 +291,15 @@ class PanguProMoEForCausalLM(nn.Module):
         normed output (`hidden`) and its pre-norm output (`pre_norm_hidden`)."""
         cfg = self.config
         if not cfg.num_mtp_modules:
-            raise ValueError("this model has no MTP module (num_mtp_modules=0); build it with num_mtp_modules=1")
+            raise ConfigError("this model has no MTP module (num_mtp_modules=0); build it with num_mtp_modules=1")
         if not 0 <= module < cfg.num_mtp_modules:
-            raise ValueError(f"module={module} is invalid: the model has {cfg.num_mtp_modules} MTP module(s)")
+            raise ConfigError(f"module={module} is invalid: the model has {cfg.num_mtp_modules} MTP module(s)")
         if next_ids.dim() != 2 or hidden_BSD.shape != (*next_ids.shape, cfg.hidden_size):
-            raise ValueError(f"mtp_forward needs hidden [batch, seq, {cfg.hidden_size}] and next_ids [batch, seq], "
+            raise ConfigError(f"mtp_forward needs hidden [batch, seq, {cfg.hidden_size}] and next_ids [batch, seq], "
                              f"got {tuple(hidden_BSD.shape)} and {tuple(next_ids.shape)}")
         B, S = next_ids.shape
-        if next_ids.numel() and (int(next_ids.min()) < 0 or int(next_ids.max()) >= cfg.vocab_size):
-            raise ValueError(f"next_ids hold a token id outside 0..{cfg.vocab_size - 1} (vocab_size={cfg.vocab_size})")
+        check_range(next_ids, cfg.vocab_size, "next_ids token id",
+                    f"valid ids are 0..{cfg.vocab_size - 1} (vocab_size={cfg.vocab_size})")
         past, valid_BT, mask, cos, sin = attention_inputs(cfg, B, S, positions, cache, attention_mask,
                                                           next_ids.device)
         mtp = self.model.mtp[module]
@@ -274,7 +323,7 @@ class PanguProMoEForCausalLM(nn.Module):
             return attention_mask.to(device=device, dtype=torch.bool)
         if attention_mask is not None:
             if attention_mask.shape != (B, S):
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must be {(B, S)} "
+                raise ConfigError(f"attention_mask shape {tuple(attention_mask.shape)} must be {(B, S)} "
                                  f"(new tokens) or {(B, past + S)} (whole sequence)")
             new = attention_mask.to(device=device, dtype=torch.bool)
         else:
@@ -286,9 +335,10 @@ class PanguProMoEForCausalLM(nn.Module):
         return torch.cat([old, new], dim=1)
 
     @staticmethod
-    def _attention_mask(S: int, past: int, valid_BT: Tensor) -> Tensor | None:
-        """Boolean SDPA mask [B, 1, S, past+S], or None when plain causal attention is exact."""
-        if bool(valid_BT.all()) and (S == 1 or past == 0):
+    def _attention_mask(S: int, past: int, valid_BT: Tensor, padded: bool) -> Tensor | None:
+        """Boolean SDPA mask [B, 1, S, past+S], or None when plain causal attention is exact.
+        `padded` (a host fact: some mask said so) decides, not the values of `valid_BT`."""
+        if not padded and (S == 1 or past == 0):
             return None  # one new token sees everything; an unpadded prefill is plain causal
         device = valid_BT.device
         q_pos = torch.arange(past, past + S, device=device).view(1, S, 1)
@@ -316,6 +366,14 @@ class PanguProMoEForCausalLM(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(s))
         return self
 
+    def allocate_cache(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str | None = None) -> KVCache:
+        """A KV cache for this model's attention modules: every head, or this rank's heads once a
+        parallel plan (moge.parallel.parallelize) has split them."""
+        attn_cfg = self.model.layers[0].self_attn.cfg if len(self.model.layers) else self.config
+        device = self.lm_head.weight.device if device is None else device
+        return KVCache.allocate(attn_cfg, batch, max_len, dtype, device)
+
     def num_parameters(self) -> dict[str, int]:
         """Total and activated parameter counts of this instance (works on the meta device)."""
         total = sum(p.numel() for p in self.parameters())
@@ -332,16 +390,24 @@ def attention_inputs(cfg: ModelConfig, B: int, S: int, positions: Tensor | None,
                      attention_mask: Tensor | None, device) -> tuple[int, Tensor, Tensor | None, Tensor, Tensor]:
     """For S new tokens of B rows: (past length, valid_BT, SDPA mask, RoPE cos, sin), with clear
     errors when the sequence outgrows the context or the cache. Positions default to each row's
-    count of real tokens, so left padding does not shift them."""
+    count of real tokens, so left padding does not shift them. Nothing is read back from the
+    device: whether a mask is needed follows from `attention_mask` being given now or before
+    (recorded on a KVCache as `padded`)."""
     past = cache.length if cache is not None else 0
     if past + S > cfg.max_position_embeddings:
-        raise ValueError(f"sequence length {past + S} exceeds max_position_embeddings="
+        raise ConfigError(f"sequence length {past + S} exceeds max_position_embeddings="
                          f"{cfg.max_position_embeddings}")
     if cache is not None and past + S > cache.max_len:
-        raise ValueError(f"sequence length {past + S} exceeds the KV cache size {cache.max_len}")
+        raise ConfigError(f"sequence length {past + S} exceeds the KV cache size {cache.max_len}")
     valid_BT = PanguProMoEForCausalLM._valid_tokens(B, S, past, attention_mask, cache, device)
     if positions is None:
         positions = (valid_BT.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
-    mask = PanguProMoEForCausalLM._attention_mask(S, past, valid_BT)
-    cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta)
+    else:
+        check_range(positions, cfg.max_position_embeddings, "position",
+                    f"valid positions are 0..{cfg.max_position_embeddings - 1} (max_position_embeddings)")
+    padded = attention_mask is not None or getattr(cache, "padded", False)
+    if padded and isinstance(cache, KVCache):
+        cache.padded = True
+    mask = PanguProMoEForCausalLM._attention_mask(S, past, valid_BT, padded)
+    cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta, cfg.max_position_embeddings)
     return past, valid_BT, mask, cos, sin

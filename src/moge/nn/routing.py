@@ -4,6 +4,11 @@ The maths are pure functions of fp32 logits/probabilities (testable on their own
 `Router` is a thin module that owns the gate weight, `router_scale` and the optional
 aux-loss-free selection bias, and calls them. Shapes: T tokens, D model dim, N experts, M groups,
 K selected experts per token (K' = K/M per group for MoGE).
+
+Nothing here copies device data to the host (no `.item()`, `.tolist()`, `bool(tensor)`, and no
+`bincount`, whose output size depends on the data): routing runs inside an accelerator's queue
+and traces into one torch.compile graph. The optional finite check branches on data only in
+eager CPU runs, where reading a tensor costs no sync (see `check_finite_logits`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moge.errors import ConfigError
 from moge.config import MoEConfig
 
 
@@ -40,6 +46,29 @@ class RoutingResult:
 # ---------------------------------------------------------------------------------------------
 # Pure routing functions (fp32 in, fp32 weights + int64 ids out)
 # ---------------------------------------------------------------------------------------------
+
+
+def expert_counts(experts_TK: Tensor, num_experts: int) -> Tensor:
+    """int64 [N]: how many token slots chose each expert. Like `bincount(minlength=N)`, but its
+    size is known without reading the ids, so it needs no host sync and compiles without a break."""
+    flat = experts_TK.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat,
+                                                                                       torch.ones_like(flat))
+
+
+def check_finite_logits(logits_TN: Tensor) -> None:
+    """Refuse NaN/Inf router logits. Eager CPU raises FloatingPointError with a count (reading a
+    CPU tensor costs no sync); elsewhere (accelerators, torch.compile) the check is a device-side
+    assert (`torch._assert_async`) that fails the step without stalling the host."""
+    finite = torch.isfinite(logits_TN)
+    if logits_TN.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(finite.all()):
+            bad = int((~finite).any(-1).sum())
+            raise FloatingPointError(f"router logits are not finite for {bad} of {logits_TN.shape[0]} tokens "
+                                     "(NaN/Inf in the hidden states or the gate weight); refusing to route them")
+        return
+    torch._assert_async(finite.all(), "router logits are not finite (NaN/Inf in the hidden states or the gate "
+                                      "weight); refusing to route them")
 
 
 def _select_scores(scores_TN: Tensor, bias_N: Tensor | None) -> Tensor:
@@ -89,12 +118,12 @@ def vote_experts(probs_TN: Tensor, experts_TK: Tensor, num_groups: int, k_per_gr
     T, N = probs_TN.shape
     per = N // num_groups
     if not k_per_group <= num_voted <= per:
-        raise ValueError(f"num_voted={num_voted} is invalid: must be in {k_per_group}..{per} "
+        raise ConfigError(f"num_voted={num_voted} is invalid: must be in {k_per_group}..{per} "
                          f"(k_per_group..experts per group)")
     if experts_by_group_GE is None:
         experts_by_group_GE = torch.arange(N, device=probs_TN.device).view(num_groups, per)
     flat = experts_by_group_GE.reshape(-1).to(probs_TN.device)
-    counts_GE = torch.bincount(experts_TK.reshape(-1), minlength=N)[flat].view(num_groups, per)
+    counts_GE = expert_counts(experts_TK, N)[flat].view(num_groups, per)
     # stable sort: equal counts keep group order, so ties go to the expert listed first
     voted_local_GV = torch.sort(counts_GE, dim=-1, descending=True, stable=True).indices[:, :num_voted]
     keep_GE = torch.zeros(num_groups, per, dtype=torch.bool, device=probs_TN.device)
@@ -160,10 +189,8 @@ def route(logits_TN: Tensor, cfg: MoEConfig, *, router_scale_1N: Tensor | None =
           group_of_expert_N: Tensor | None = None) -> RoutingResult:
     """Full routing for one batch from fp32 logits, as the config asks."""
     logits_TN = logits_TN.float()
-    if cfg.check_finite and not bool(torch.isfinite(logits_TN).all()):
-        bad = int((~torch.isfinite(logits_TN)).any(-1).sum())
-        raise FloatingPointError(f"router logits are not finite for {bad} of {logits_TN.shape[0]} tokens "
-                                 "(NaN/Inf in the hidden states or the gate weight); refusing to route them")
+    if cfg.check_finite:
+        check_finite_logits(logits_TN)
     probs_TN = torch.softmax(logits_TN, dim=-1)
     if cfg.router == "grouped":
         weights_TK, experts_TK = grouped_topk(probs_TN, cfg.num_groups, cfg.top_k_per_group,
@@ -223,8 +250,7 @@ class Router(nn.Module):
         result = route(logits_TN, self.cfg, router_scale_1N=self.router_scale, bias_N=self.expert_bias,
                        experts_by_group_GE=self.experts_by_group, group_of_expert_N=self.group_of_expert)
         if self.expert_bias is not None and self.training:
-            self.tokens_per_expert += torch.bincount(result.experts_TK.reshape(-1),
-                                                     minlength=self.cfg.num_experts).float()
+            self.tokens_per_expert += expert_counts(result.experts_TK, self.cfg.num_experts).float()
         return result
 
     @torch.no_grad()

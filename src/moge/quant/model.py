@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moge.errors import ConfigError
 from moge.nn.moe import MoGEBlock
 from moge.quant.experts import QuantExperts
 from moge.quant.int8 import QuantLinear
@@ -135,10 +136,10 @@ def quantize_model(model: nn.Module, calibration_ids: Tensor | None = None, *, a
     the best of `alpha_grid`. Without calibration data the weights are quantized as they are (no
     smoothing). The model is converted to fp32 first and should be in eval mode afterwards."""
     if is_quantized(model):
-        raise ValueError("the model is already quantized")
+        raise ConfigError("the model is already quantized")
     grid = (float(alpha),) if alpha is not None else tuple(float(a) for a in alpha_grid)
     if not grid or any(not 0.0 <= a <= 1.0 for a in grid):
-        raise ValueError(f"alpha grid {grid!r} is invalid: give one or more migration strengths in [0, 1]")
+        raise ConfigError(f"alpha grid {grid!r} is invalid: give one or more migration strengths in [0, 1]")
     model.float().eval()
     report = QuantizationReport()
     layers = model.model.layers
@@ -150,7 +151,7 @@ def quantize_model(model: nn.Module, calibration_ids: Tensor | None = None, *, a
             report.moe_alpha.append(None)
         return report
     if calibration_ids.dim() != 2 or calibration_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"calibration_ids must be an integer tensor [windows, seq_len], got "
+        raise ConfigError(f"calibration_ids must be an integer tensor [windows, seq_len], got "
                          f"{calibration_ids.dtype} of shape {tuple(calibration_ids.shape)}")
     from moge.nn.model import rope_cos_sin
 
@@ -160,7 +161,7 @@ def quantize_model(model: nn.Module, calibration_ids: Tensor | None = None, *, a
     W, S = ids.shape
     report.calibration_tokens = W * S
     positions = torch.arange(S).expand(W, S)
-    cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta)
+    cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta, cfg.max_position_embeddings)
     h_f = ref.model.embed_tokens(ids)
     h_q = h_f.clone()
     gen = torch.Generator().manual_seed(0)
