@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from moge.config import MoEConfig
-from moge.nn.moe import MoGEBlock
+from moge.nn.experts import reference_experts
+from moge.nn.moe import LocalDispatcher, MoGEBlock
 
 
 def spec_reference(block: MoGEBlock, h: torch.Tensor) -> torch.Tensor:
@@ -106,3 +107,26 @@ def test_wrong_input_width_is_rejected():
     block = MoGEBlock(MoEConfig(hidden_size=8, num_experts=4, num_groups=2, top_k=2, expert_intermediate_size=4))
     with pytest.raises(ValueError, match="hidden_size=8"):
         block(torch.randn(3, 7))
+
+
+def test_the_dispatcher_is_a_swappable_component():
+    """router -> dispatcher -> + shared expert: a dispatcher that computes the routed part with the
+    paper's formula gives the same output, sees the router's routing, and changes no parameter."""
+    torch.manual_seed(0)
+    block = MoGEBlock(MoEConfig(hidden_size=16, num_experts=8, num_groups=2, top_k=4, expert_intermediate_size=8,
+                                shared_expert_sizes=(8,)))
+    x = torch.randn(5, 16)
+    want = block(x)
+    names = list(block.state_dict())
+    seen = []
+
+    class ReferenceDispatcher(LocalDispatcher):
+        def __call__(self, x_TD, routing, experts):
+            seen.append(routing.experts_TK)
+            return reference_experts(x_TD, routing.experts_TK, routing.weights_TK, experts.gate_up_proj,
+                                     experts.down_proj)
+
+    block.dispatcher = ReferenceDispatcher()
+    torch.testing.assert_close(block(x), want, atol=1e-6, rtol=1e-5)
+    assert list(block.state_dict()) == names
+    assert torch.equal(seen[0], block.router(x).experts_TK)

@@ -7,11 +7,11 @@ import pytest
 
 from moge.checkpoint import save_pretrained
 from moge.cli import main
-from moge.config import PRESETS
 from moge.data.corpus import Document
 from moge.data.prepare import prepare
 from moge.data.sources import Source
 from moge.nn.model import PanguProMoEForCausalLM
+from models import tiny_config
 
 
 def _summary(capsys, argv):
@@ -50,9 +50,7 @@ def _docs(_path):
 def test_bench_ep_with_a_checkpoints_router(tmp_path, capsys):
     prepare(tmp_path / "data", cache_dir=tmp_path / "cache", sources=[Source("prose", "generated", "t", _docs)],
             vocab_size=280, val_fraction=0.25)
-    cfg = PRESETS["moge-tiny"].replace(vocab_size=280, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                                       num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,
-                                       shared_expert_intermediate_size=16, max_position_embeddings=64)
+    cfg = tiny_config(vocab_size=280, num_heads=2, num_kv_heads=1, shared_expert_intermediate_size=16)
     save_pretrained(PanguProMoEForCausalLM(cfg).init_weights(0.02, seed=0), tmp_path / "ckpt")
     out = _summary(capsys, ["bench-ep", "--ep-sizes", "2,8", "--tokens", "16", "--repeats", "1", "--hidden", "32",
                             "--ffn", "16", "--experts", "8", "--groups", "4", "--top-k", "4", "--checkpoint",
@@ -74,13 +72,12 @@ def test_bench_ep_bad_arguments(argv, message, capsys):
 
 
 def test_bench_ep_checkpoint_shape_mismatch(tmp_path, capsys):
-    cfg = PRESETS["moge-tiny"].replace(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-                                       num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,
-                                       shared_expert_intermediate_size=16, max_position_embeddings=64)
+    cfg = tiny_config(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                      shared_expert_intermediate_size=16)
     save_pretrained(PanguProMoEForCausalLM(cfg), tmp_path / "ckpt")
     docs = [Document("prose", f"p{i}", "one two three four five six " * 30, "p") for i in range(4)]
-    prepare(tmp_path / "data", cache_dir=tmp_path / "cache", sources=[Source("prose", "generated", "t", lambda _p: docs)],
-            vocab_size=270, val_fraction=0.25)
+    prepare(tmp_path / "data", cache_dir=tmp_path / "cache",
+            sources=[Source("prose", "generated", "t", lambda _p: docs)], vocab_size=270, val_fraction=0.25)
     assert main(["bench-ep", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"),
                  "--out", str(tmp_path / "o")]) == 2
     assert "--experts 8 --groups 4 --top-k 4" in capsys.readouterr().err

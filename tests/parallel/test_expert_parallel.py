@@ -7,15 +7,18 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import CFG, make_model
 
 from moge.config import MoEConfig
+from moge.degrees import check_expert_parallel
+from moge.inference.generate import generate
 from moge.nn.experts import SwiGLUExperts
-from moge.parallel.dispatch import ExpertParallelDispatcher
-from moge.parallel.expert import ExpertParallelMoGEBlock, full_state_dict, is_expert_param, shard_model
+from moge.parallel.dispatch import AllToAllDispatcher
+from moge.parallel.expert import full_state_dict, is_expert_param, shard_model
 from moge.parallel.launch import spawn
-from moge.parallel.mesh import ExpertParallelMesh, check_expert_parallel
+from moge.parallel.lockstep import all_ranks_done
+from moge.parallel.mesh import ExpertParallelMesh
 from moge.parallel.training import clip_grad_norm, reduce_gradients
-from tiny_models import CFG, make_model
 
 
 def _model_worker(rank, world, ep, router, batch, seq):
@@ -43,11 +46,11 @@ def _model_worker(rank, world, ep, router, batch, seq):
         grad_err = max(grad_err, float((p.grad - want).abs().max() / want.abs().max().clamp_min(1e-12)))
     full = full_state_dict(model, mesh)
     state_equal = all(torch.equal(full[k], v) for k, v in ref.state_dict().items())
-    counted = [layer.mlp.last_dispatch.counts_exchanged for layer in model.model.layers]
+    counted = [layer.mlp.dispatcher.last_dispatch.counts_exchanged for layer in model.model.layers]
     return {"logit_err": float((logits - ref_logits[rank * batch:(rank + 1) * batch]).detach().abs().max()),
             "grad_err": grad_err, "norm_err": abs(float(norm) - float(ref_norm)) / float(ref_norm),
             "state_equal": state_equal, "counted": counted,
-            "received": [layer.mlp.last_dispatch.received for layer in model.model.layers]}
+            "received": [layer.mlp.dispatcher.last_dispatch.received for layer in model.model.layers]}
 
 
 @pytest.mark.parametrize("world,ep,router", [(2, 2, "grouped"), (2, 2, "topk"), (4, 4, "grouped"),
@@ -77,7 +80,7 @@ def _dispatch_worker(rank, world):
     experts_TK = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0], [0, 1]])[:T]
     weights_TK = torch.rand(T, 2, generator=torch.Generator().manual_seed(3))
     ref = experts(x, experts_TK, weights_TK)
-    disp = ExpertParallelDispatcher(4, None, slots_per_rank=None)
+    disp = AllToAllDispatcher(4, None, slots_per_rank=None)
     local = SwiGLUExperts(2, 16, 8, backend="loop")
     with torch.no_grad():
         local.gate_up_proj.copy_(experts.gate_up_proj[2 * rank:2 * rank + 2])
@@ -101,13 +104,13 @@ def _dispatch_worker(rank, world):
 
     torch.manual_seed(1)
     full = MoGEBlock(MoEConfig(hidden_size=16, num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16))
-    block = ExpertParallelMoGEBlock(copy.deepcopy(full), ExpertParallelMesh.build(2))
+    block = shard_model(copy.deepcopy(full), ExpertParallelMesh.build(2))
     xs = torch.randn(4 if rank == 0 else 3, 16, generator=torch.Generator().manual_seed(10 + rank))
     with torch.no_grad():
         uneven = float((block(xs) - full(xs)).abs().max())
     return {"err": float((y - ref).abs().max()) if T else 0.0, "recv": d.recv_splits, "send": d.send_splits,
             "grad_err": float((gx - x.grad).abs().max()) if T else 0.0, "bad_world": bad_world,
-            "uneven_moge_err": uneven, "uneven_recv": block.last_dispatch.recv_splits}
+            "uneven_moge_err": uneven, "uneven_recv": block.dispatcher.last_dispatch.recv_splits}
 
 
 def test_uneven_and_empty_splits():
@@ -115,7 +118,7 @@ def test_uneven_and_empty_splits():
     assert r0["send"] == [10, 0] and r1["send"] == [0, 0]
     assert r0["recv"] == [10, 0] and r1["recv"] == [0, 0]
     assert r0["err"] < 1e-6 and r0["grad_err"] < 1e-6
-    assert "expert_parallel=3 must divide the world size 2" in r0["bad_world"]
+    assert "expert_parallel=3 is invalid: must divide the world size 2" in r0["bad_world"]
     for r in (r0, r1):  # 4 and 3 tokens, K' = 1 in each of the 2 groups a rank hosts
         assert r["uneven_moge_err"] < 1e-6 and r["uneven_recv"] == [8, 6]
 
@@ -131,9 +134,9 @@ def test_placement_is_contiguous_groups():
 def test_invalid_expert_parallel_sizes_are_rejected():
     cfg = MoEConfig(hidden_size=8, num_experts=16, top_k=4, num_groups=4, expert_intermediate_size=8)
     check_expert_parallel(cfg, 2)
-    with pytest.raises(ValueError, match=r"expert_parallel=3 must divide num_experts=16"):
+    with pytest.raises(ValueError, match=r"expert_parallel=3 is invalid: must divide num_experts=16"):
         check_expert_parallel(cfg, 3)
-    with pytest.raises(ValueError, match=r"expert_parallel=8 must divide num_groups=4"):
+    with pytest.raises(ValueError, match=r"expert_parallel=8 is invalid: must divide num_groups=4"):
         check_expert_parallel(cfg, 8)
     with pytest.raises(ValueError, match="positive integer"):
         check_expert_parallel(cfg, 0)
@@ -151,12 +154,10 @@ def test_block_rejects_groups_split_across_ranks():
     from moge.nn.moe import MoGEBlock
     mesh = ExpertParallelMesh(world=4, rank=0, ep=4, ep_group=None, replica_group=None)
     with pytest.raises(ValueError, match="num_groups=2"):
-        ExpertParallelMoGEBlock(MoGEBlock(block_cfg), mesh)
+        shard_model(MoGEBlock(block_cfg), mesh)
 
 
 def _generate_worker(rank, world, router):
-    from moge.inference.generate import generate
-
     cfg = CFG.replace(router=router)
     model = make_model(cfg).eval()
     prompts = torch.randint(0, cfg.vocab_size, (world * 2, 5), generator=torch.Generator().manual_seed(11)).tolist()
@@ -165,7 +166,7 @@ def _generate_worker(rank, world, router):
     # each rank decodes its own two prompts; rank 1 stops early at its first generated token
     mine = prompts[2 * rank:2 * rank + 2]
     stop = [want[2][0]] if rank == 1 else []
-    got = generate(model, mine, max_new_tokens=6, stop_ids=stop).tokens
+    got = generate(model, mine, max_new_tokens=6, stop_ids=stop, all_done=all_ranks_done).tokens
     return {"got": got, "want": want[2 * rank:2 * rank + 2]}
 
 

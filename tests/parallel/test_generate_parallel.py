@@ -11,12 +11,10 @@ import torch
 
 from moge.checkpoint import save_pretrained
 from moge.cli import main
-from moge.config import PRESETS
 from moge.nn.model import PanguProMoEForCausalLM
+from models import tiny_config
 
-CFG = PRESETS["moge-tiny"].replace(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                   num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,
-                                   shared_expert_intermediate_size=24, max_position_embeddings=64, eos_token_id=60)
+CFG = tiny_config(vocab_size=61, eos_token_id=60)
 
 
 @pytest.fixture(scope="module")

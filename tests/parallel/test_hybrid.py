@@ -3,11 +3,12 @@ real gloo process groups equals the single-process model, for prefill and cached
 
 import pytest
 import torch
-
-from moge.nn.model import KVCache
-from moge.parallel.hybrid import HybridLayout, HybridModel
-from moge.parallel.launch import spawn
 from tiny_models import CFG, make_model
+
+from moge.degrees import check_hybrid
+from moge.nn.model import KVCache
+from moge.parallel import H2P, parallelize
+from moge.parallel.launch import spawn
 
 
 def _hybrid_worker(rank, world, attn_tp, expert_tp, router, batch, prompt, steps):
@@ -20,7 +21,7 @@ def _hybrid_worker(rank, world, attn_tp, expert_tp, router, batch, prompt, steps
         cache = KVCache.allocate(cfg, dp * batch, prompt + steps, torch.float32)
         ref = [model(ids[:, :prompt], cache=cache).logits]
         ref += [model(ids[:, prompt + i:prompt + i + 1], cache=cache).logits for i in range(steps)]
-        hybrid = HybridModel.build(model, attn_tp, expert_tp)
+        hybrid = parallelize(model, H2P(attn_tp, expert_tp))  # the same model, split in place
         d = rank // attn_tp
         mine = ids[d * batch:(d + 1) * batch]
         cache = hybrid.allocate_cache(batch, prompt + steps)
@@ -41,14 +42,14 @@ def test_hybrid_layout_equals_single_process(world, attn_tp, expert_tp, router):
 
 
 def test_hybrid_layout_rejects_impossible_shapes():
-    with pytest.raises(ValueError, match=r"attn_tp=3 must divide the world size 8"):
-        HybridLayout(8, 3, 2).check(CFG)
-    with pytest.raises(ValueError, match=r"attn_tp=4 must divide num_kv_heads=2"):
-        HybridLayout(8, 4, 2).check(CFG)
+    with pytest.raises(ValueError, match=r"attn_tp=3 is invalid: must divide the world size 8"):
+        check_hybrid(CFG, 8, 3, 2)
+    with pytest.raises(ValueError, match=r"attn_tp=4 is invalid: must divide num_kv_heads=2"):
+        check_hybrid(CFG, 8, 4, 2)
     with pytest.raises(ValueError, match=r"must divide num_groups=4"):
-        HybridLayout(8, 2, 1).check(CFG)
-    with pytest.raises(ValueError, match=r"expert_tp=2 must divide expert_intermediate_size=15"):
-        HybridLayout(4, 2, 2).check(CFG.replace(expert_intermediate_size=15))
+        check_hybrid(CFG, 8, 2, 1)
+    with pytest.raises(ValueError, match=r"expert_tp=2 is invalid: must divide expert_intermediate_size=15"):
+        check_hybrid(CFG.replace(expert_intermediate_size=15), 4, 2, 2)
     with pytest.raises(ValueError, match="shared_expert_intermediate_size=0"):
-        HybridLayout(4, 2, 2).check(CFG.replace(shared_expert_intermediate_size=0))
-    HybridLayout(8, 2, 2).check(CFG.replace(num_heads=8, num_kv_heads=2, shared_expert_intermediate_size=32))
+        check_hybrid(CFG.replace(shared_expert_intermediate_size=0), 4, 2, 2)
+    check_hybrid(CFG.replace(num_heads=8, num_kv_heads=2, shared_expert_intermediate_size=32), 8, 2, 2)

@@ -19,6 +19,7 @@ from moge.config import PRESETS
 from moge.parallel.launch import spawn
 from moge.train.trainer import TrainConfig, Trainer, load_data
 
+
 def _cfg(corpus, out, **kw):
     base = dict(model=str(corpus / "tiny.json"), data=str(corpus / "data"), out=str(out), steps=3, batch_size=4,
                 seq_len=16, warmup=1, lr=1e-2, eval_every=100, eval_windows=2, save_every=100, aux_scope="global",
@@ -122,9 +123,10 @@ def _failing_worker(rank, world, init_file, mode, out_file):
 
     import torch.distributed as dist
 
+    from moge.errors import DistributedError
     from moge.nn.moe import MoGEBlock
-    from moge.parallel.expert import ExpertParallelMoGEBlock
-    from moge.parallel.launch import DistributedError, peer_failures_as_errors
+    from moge.parallel.expert import shard_model
+    from moge.parallel.launch import peer_failures_as_errors
     from moge.parallel.mesh import ExpertParallelMesh
 
     torch.set_num_threads(1)
@@ -132,8 +134,8 @@ def _failing_worker(rank, world, init_file, mode, out_file):
                             timeout=datetime.timedelta(seconds=3))
     mesh = ExpertParallelMesh.build(2, timeout_s=3)
     torch.manual_seed(0)
-    block = ExpertParallelMoGEBlock(MoGEBlock(PRESETS["moge-tiny"].replace(hidden_size=16, num_experts=8,
-                                                                             num_groups=4, top_k=4).moe()), mesh)
+    block = shard_model(MoGEBlock(PRESETS["moge-tiny"].replace(hidden_size=16, num_experts=8,
+                                                                 num_groups=4, top_k=4).moe()), mesh)
     x = torch.randn(4, 16)
     block(x)  # both ranks alive: works
     if rank == 1:

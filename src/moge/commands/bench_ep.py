@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from moge.commands import list_argument
+from moge.errors import ConfigError
 
 
 _ints = list_argument(int, lambda v: v > 0, "every value must be a positive integer")
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     for name in ("hidden", "ffn", "experts", "groups", "top_k", "repeats"):
         if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: must be a positive integer")
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: "
+                              "must be a positive integer")
     cfg = BenchConfig(hidden_size=args.hidden, expert_intermediate_size=args.ffn, num_experts=args.experts,
                       num_groups=args.groups, top_k=args.top_k, ep_sizes=args.ep_sizes, tokens=args.tokens,
                       repeats=args.repeats, timeout_s=args.dist_timeout)
@@ -58,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
                        progress=lambda msg: print(msg, file=sys.stderr))
     paths = write_outputs(result, Path(args.out))
     if args.json:
-        print(json.dumps({"summary": result["summary"], "comparison": result["comparison"], "sources": result["sources"], "skipped": result["skipped"],
-                          "files": paths}, indent=2))
+        keys = ("summary", "comparison", "sources", "skipped")
+        print(json.dumps({**{k: result[k] for k in keys}, "files": paths}, indent=2))
     else:
         print(format_table(result["summary"]))
         print()

@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from moge.errors import ConfigError, DistributedError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -37,12 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a prompt as comma-separated token ids instead of text (repeat for a batch)")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the release's chat format")
     g.add_argument("--system", default="", help="system message for --chat")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt at most")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same sample)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype the weights are loaded in")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
     g.add_argument("--speculative", action="store_true",
@@ -82,13 +85,12 @@ def run_params(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     """One process, or one rank of a torchrun job (see the subcommand's description)."""
-    from moge.parallel.launch import (DistributedError, init_distributed, launched_by_torchrun,
-                                      peer_failures_as_errors, shutdown)
+    from moge.parallel.launch import init_distributed, launched_by_torchrun, peer_failures_as_errors, shutdown
 
     if not launched_by_torchrun():
         return _generate(args, None)
     if args.speculative:
-        raise ValueError("--speculative runs in a single process; drop it under torchrun")
+        raise ConfigError("--speculative runs in a single process; drop it under torchrun")
     init_distributed(args.dist_timeout)
     try:
         with peer_failures_as_errors(args.dist_timeout):
@@ -101,17 +103,13 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _split(model, parallel: str, args: argparse.Namespace):
-    """This rank's share of the model for the requested layout."""
+    """This rank's share of the model for the requested layout (the same model, parallelized)."""
     import torch.distributed as dist
 
-    if parallel == "h2p":
-        from moge.parallel.hybrid import HybridModel
+    from moge.parallel import H2P, ExpertParallel, parallelize
 
-        return HybridModel.build(model, args.attn_tp, args.expert_tp).eval()
-    from moge.parallel.expert import shard_model
-    from moge.parallel.mesh import ExpertParallelMesh
-
-    return shard_model(model, ExpertParallelMesh.build(dist.get_world_size()))
+    plan = H2P(args.attn_tp, args.expert_tp) if parallel == "h2p" else ExpertParallel(dist.get_world_size())
+    return parallelize(model, plan).eval()
 
 
 def _generate(args: argparse.Namespace, parallel: str | None) -> int:
@@ -122,7 +120,7 @@ def _generate(args: argparse.Namespace, parallel: str | None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.prompt and not args.token_ids:
-        raise ValueError("give at least one --prompt TEXT or --token-ids 1,2,3")
+        raise ConfigError("give at least one --prompt TEXT or --token-ids 1,2,3")
     model = load_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     tok = None
     prompts: list[list[int]] = []
@@ -138,14 +136,17 @@ def _generate(args: argparse.Namespace, parallel: str | None) -> int:
         try:
             prompts.append([int(t) for t in ids.split(",") if t.strip()])
         except ValueError:
-            raise ValueError(f"--token-ids={ids!r} is invalid: expected comma-separated integers") from None
+            raise ConfigError(f"--token-ids={ids!r} is invalid: expected comma-separated integers") from None
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    quiet = False
+    quiet, all_done = False, None
     if parallel is not None:
         import torch.distributed as dist
 
+        from moge.parallel.lockstep import all_ranks_done
+
         model = _split(model, parallel, args)
         quiet = dist.get_rank() != 0  # every rank decodes the same prompts; rank 0 reports
+        all_done = all_ranks_done
     on_token = None
     if args.stream and not args.json and tok is not None and len(prompts) == 1 and not quiet:
         def on_token(row: int, token: int) -> None:
@@ -158,7 +159,7 @@ def _generate(args: argparse.Namespace, parallel: str | None) -> int:
                                    stop_ids=stop, on_token=on_token, num_draft=args.num_draft)
     else:
         res = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop,
-                       on_token=on_token)
+                       on_token=on_token, all_done=all_done)
     if quiet:
         return 0
     texts = [tok.decode(t) if tok is not None else None for t in res.tokens]

@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from moge.errors import ConfigError
 from moge.config import ModelConfig
 from moge.nn.model import KVCache, PanguProMoEForCausalLM
 
@@ -30,11 +30,11 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} is invalid: must be >= 0 (0 = greedy)")
+            raise ConfigError(f"temperature={self.temperature} is invalid: must be >= 0 (0 = greedy)")
         if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} is invalid: must be >= 0 (0 = off)")
+            raise ConfigError(f"top_k={self.top_k} is invalid: must be >= 0 (0 = off)")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} is invalid: must be in (0, 1]")
+            raise ConfigError(f"top_p={self.top_p} is invalid: must be in (0, 1]")
 
 
 def sample_next(logits_BV: Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> Tensor:
@@ -49,7 +49,7 @@ def sampling_probs(logits_BV: Tensor, sampling: Sampling) -> Tensor:
     """The distribution `sample_next` draws from ([B, V], temperature > 0): softmax of the
     temperature-scaled logits after the top-k and top-p filters."""
     if sampling.temperature == 0:
-        raise ValueError("sampling_probs needs temperature > 0 (temperature 0 is greedy: argmax)")
+        raise ConfigError("sampling_probs needs temperature > 0 (temperature 0 is greedy: argmax)")
     logits = logits_BV.float() / sampling.temperature
     if sampling.top_k:
         kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -91,17 +91,17 @@ class GenerationResult:
 def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
     """Clear errors for prompts a model cannot continue: empty, too long, out-of-vocabulary ids."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+        raise ConfigError("prompts must be a non-empty list of non-empty token id lists")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+        raise ConfigError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the context of "
+        raise ConfigError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the context of "
                          f"{cfg.max_position_embeddings} tokens (max_position_embeddings)")
     for row, p in enumerate(prompts):
         bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
         if bad:
-            raise ValueError(f"prompt {row}: token id {bad[0]} is out of range: valid ids are 0..{cfg.vocab_size - 1}")
+            raise ConfigError(f"prompt {row}: token id {bad[0]} is out of range: valid ids are 0..{cfg.vocab_size - 1}")
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
@@ -116,24 +116,21 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Ten
     return ids, mask
 
 
-def _all_ranks_done(done: bool) -> bool:
-    """Under torch.distributed the ranks of a parallel model must step together: decoding goes on
-    until every rank's rows are done (a finished rank's extra tokens are discarded)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return done
-    from moge.parallel.launch import comm_device
-
-    flag = torch.tensor([1.0 if done else 0.0], device=comm_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+def _local(done: bool) -> bool:
+    return done
 
 
 @torch.inference_mode()
 def generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
              sampling: Sampling = Sampling(), stop_ids: Sequence[int] | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
+             on_token: Callable[[int, int], None] | None = None,
+             all_done: Callable[[bool], bool] | None = None) -> GenerationResult:
     """Generate up to `max_new_tokens` for each prompt. `on_token(row, token_id)` streams tokens.
-    A row stops at any of `stop_ids` (default: the config's eos_token_id)."""
+    A row stops at any of `stop_ids` (default: the config's eos_token_id).
+
+    `all_done(done) -> bool` decides when decoding ends, given whether this call's rows are all
+    done (default: when they are). The ranks of a parallel model must step together: pass
+    `moge.parallel.lockstep.all_ranks_done` so each rank decodes until every rank's rows are done."""
     cfg = model.config
     check_prompts(cfg, prompts, max_new_tokens)
     longest = max(len(p) for p in prompts)
@@ -143,9 +140,9 @@ def generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]], *,
     B = len(prompts)
     ids, mask = left_pad(prompts, cfg.pad_token_id or 0, device)
     padded = bool((mask == 0).any())
-    # parallel models (moge.parallel.hybrid) keep only their own attention heads' cache
+    # the attention modules' own heads: all of them, or this rank's after moge.parallel's H2P plan
     allocate = getattr(model, "allocate_cache", None)
-    cache = allocate(B, longest + max_new_tokens, dtype) if allocate is not None else \
+    cache = allocate(B, longest + max_new_tokens, dtype, device) if allocate is not None else \
         KVCache.allocate(cfg, B, longest + max_new_tokens, dtype, device)
     gen = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
 
@@ -165,7 +162,7 @@ def generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]], *,
                 on_token(row, tok)
             if tok in stop or len(tokens[row]) >= max_new_tokens:
                 done[row] = True
-        if _all_ranks_done(all(done)):
+        if (all_done or _local)(all(done)):
             break
         out = model(next_ids.view(B, 1), cache=cache)
         next_ids = sample_next(out.logits[:, -1], sampling, gen)

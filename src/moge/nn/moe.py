@@ -1,9 +1,21 @@
-"""MoGEBlock: router -> dispatch -> experts -> combine, plus the always-on shared expert(s).
+"""MoGEBlock: router -> dispatcher -> experts -> combine, plus the always-on shared expert(s).
 
 A drop-in replacement for a transformer MLP: input [..., D], output [..., D]. With
 `router="grouped"` (the default) it is the paper's MoGE layer; the same block runs the
 conventional top-K and group-limited routers for comparisons. Dropless: every token slot is
 computed, no capacity factor.
+
+The split follows Megatron-Core: the router decides, a token dispatcher moves token slots to the
+experts and the outputs back, the experts compute. The dispatcher is a plain component, not a
+module (it holds no parameters and leaves the state dict alone). `LocalDispatcher` keeps
+everything on this process; a parallel plan (`moge.parallel.parallelize`) installs another one
+(expert-parallel all-to-all, the H2P all-gather layout) without changing this block's forward.
+A dispatcher has three steps:
+
+    gather(x_TD)                    the tokens this block routes (H2P: every rank's)
+    __call__(x_TD, routing, experts)  the routed experts' output (H2P: this rank's partial sum)
+    scatter(y_TD)                   this rank's rows of the block output (H2P: one reduce-scatter
+                                    of routed + shared partial sums)
 """
 
 from __future__ import annotations
@@ -17,9 +29,23 @@ from moge.nn.experts import SwiGLUExperts, linear
 from moge.nn.routing import Router, RoutingResult
 
 
+class LocalDispatcher:
+    """Every expert on this process: SwiGLUExperts permutes the token slots by expert, runs its
+    kernel and combines the outputs in token order itself (including its inference shortcuts)."""
+
+    def gather(self, x_TD: Tensor) -> Tensor:
+        return x_TD
+
+    def __call__(self, x_TD: Tensor, routing: RoutingResult, experts: nn.Module) -> Tensor:
+        return experts(x_TD, routing.experts_TK, routing.weights_TK)
+
+    def scatter(self, y_TD: Tensor) -> Tensor:
+        return y_TD
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same module hooks) whose few-row products, as in decoding, run
-    through `moge.experts.linear`: on CPU the weight streams on every thread."""
+    through `moge.nn.experts.linear`: on CPU the weight streams on every thread."""
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
@@ -66,6 +92,7 @@ class MoGEBlock(nn.Module):
             self.shared_expert = shared[0]
         elif shared:
             self.shared_experts = nn.ModuleList(shared)
+        self.dispatcher = LocalDispatcher()  # swapped by moge.parallel.parallelize
 
     def _shared(self) -> list[nn.Module]:
         if hasattr(self, "shared_expert"):
@@ -77,9 +104,10 @@ class MoGEBlock(nn.Module):
             raise ValueError(f"input last dim={x.shape[-1]} does not match hidden_size={self.cfg.hidden_size}")
         lead = x.shape[:-1]
         x_TD = x.reshape(-1, self.cfg.hidden_size)
+        x_TD = self.dispatcher.gather(x_TD)
         routing = self.router(x_TD)
-        y_TD = self.experts(x_TD, routing.experts_TK, routing.weights_TK)
+        y_TD = self.dispatcher(x_TD, routing, self.experts)
         for expert in self._shared():
             y_TD = y_TD + expert(x_TD)
-        y = y_TD.view(*lead, self.cfg.hidden_size)
+        y = self.dispatcher.scatter(y_TD).view(*lead, self.cfg.hidden_size)
         return (y, routing) if return_routing else y

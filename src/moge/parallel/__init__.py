@@ -1,10 +1,17 @@
-"""Expert parallelism on torch.distributed.
+"""Parallel layouts applied to an unchanged model, on torch.distributed.
 
-    mesh.py      process groups (data x expert parallel; the H2P hybrid layout) and expert placement
-    comm.py      collectives with autograd (all_to_all with uneven splits, all_gather, reduce_scatter)
-    dispatch.py  token dispatch to the rank that owns each expert and the combine back
-    expert.py    the expert-parallel MoGE block, sharding a model in place, gathering it back
-    train.py     gradient reduction for data x expert parallel training, global gradient norm
-    hybrid.py    the paper's H2P inference layout (attention DP x TP, experts TP x EP, shared TP)
-    launch.py    process-group start-up under torchrun, timeouts that turn hangs into errors
+    parallelize.py  `parallelize(model, plan)`: ExpertParallel(ep) and the paper's H2P layout,
+                    by slicing parameters and swapping components in place
+    mesh.py         device meshes with named dimensions (dp x ep; attention dp x tp)
+    dispatch.py     the MoE block's token dispatchers: all-to-all (EP), all-gather (H2P)
+    comm.py         torch's functional collectives (with autograd) as the dispatchers use them
+    expert.py       expert-sharded state: names, state dicts, gathering the whole model back
+    training.py     gradient reduction for data x expert parallel training, global gradient norm
+    lockstep.py     decoding in lockstep across ranks (generate's `all_done` hook)
+    launch.py       process-group start-up under torchrun, timeouts that turn hangs into errors
+    bench.py        `moge bench-ep`: MoGE against top-K on real expert-parallel processes
 """
+
+from moge.parallel.parallelize import H2P, ExpertParallel, parallelize
+
+__all__ = ["H2P", "ExpertParallel", "parallelize"]

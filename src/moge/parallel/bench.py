@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from moge.config import MoEConfig
+from moge.errors import ConfigError
 
 
 @dataclass
@@ -67,7 +68,7 @@ def checkpoint_logits(checkpoint: str | Path, data: str | Path, max_tokens: int 
     model = load_pretrained(checkpoint).eval()
     cfg = model.config
     if not cfg.is_moe:
-        raise ValueError(f"--checkpoint {checkpoint} is a dense model: it has no router")
+        raise ConfigError(f"--checkpoint {checkpoint} is a dense model: it has no router")
     layer = cfg.num_layers // 2 if layer is None else layer
     shards = TokenShards(data)
     captured: list[torch.Tensor] = []
@@ -84,7 +85,7 @@ def checkpoint_logits(checkpoint: str | Path, data: str | Path, max_tokens: int 
                     break
     hook.remove()
     if not captured:
-        raise ValueError(f"{data} has no validation windows of {min(256, cfg.max_position_embeddings - 1) + 1} "
+        raise ConfigError(f"{data} has no validation windows of {min(256, cfg.max_position_embeddings - 1) + 1} "
                          f"tokens to route")
     logits = torch.cat([c.reshape(-1, cfg.num_experts) for c in captured])[:max_tokens]
     info = {"checkpoint": str(checkpoint), "layer": layer, "tokens": int(logits.shape[0]),
@@ -97,10 +98,11 @@ def _worker(rank: int, world: int, cfg: BenchConfig) -> list[dict]:
     """One rank: every (source, router, tokens) case, `repeats` timed steps after one warm-up."""
     import torch.distributed as dist
 
+    from moge.degrees import check_expert_parallel
     from moge.nn.experts import SwiGLUExperts
-    from moge.parallel.dispatch import ExpertParallelDispatcher
-    from moge.parallel.mesh import ExpertParallelMesh, check_expert_parallel
     from moge.nn.routing import route
+    from moge.parallel.dispatch import AllToAllDispatcher
+    from moge.parallel.mesh import ExpertParallelMesh
 
     mesh = ExpertParallelMesh.build(world)
     n, per = cfg.num_experts, cfg.num_experts // world
@@ -117,7 +119,7 @@ def _worker(rank: int, world: int, cfg: BenchConfig) -> list[dict]:
         moe = cfg.moe(router)
         check_expert_parallel(moe, world)
         known = moe.top_k_per_group * (moe.num_groups // world) if router == "grouped" else None
-        dispatchers[router] = (moe, ExpertParallelDispatcher(n, mesh.ep_group, known))
+        dispatchers[router] = (moe, AllToAllDispatcher(n, mesh.ep_group, known))
     rows = []
     for source, pool in cfg.sources.items():
         for T in cfg.tokens:
@@ -160,7 +162,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         groups.setdefault(key, {}).setdefault(r["repeat"], []).append(r)
     out = []
     for (source, router, ep, tokens), reps in sorted(groups.items()):
-        def stat(name, reduce):
+        def stat(name, reduce, reps=reps):
             return statistics.median(reduce([r[name] for r in ranks]) for ranks in reps.values())
 
         def max_over_mean(name):
@@ -192,7 +194,7 @@ def run_bench(cfg: BenchConfig, *, checkpoint: str | None = None, data: str | No
 
         found = read_config(checkpoint)
         if (found.num_experts, found.num_groups, found.top_k) != (cfg.num_experts, cfg.num_groups, cfg.top_k):
-            raise ValueError(f"--checkpoint has num_experts={found.num_experts}, num_groups={found.num_groups}, "
+            raise ConfigError(f"--checkpoint has num_experts={found.num_experts}, num_groups={found.num_groups}, "
                              f"top_k={found.top_k}; the benchmark layer has {cfg.num_experts}, {cfg.num_groups}, "
                              f"{cfg.top_k}: pass --experts {found.num_experts} --groups {found.num_groups} "
                              f"--top-k {found.top_k}")
@@ -222,7 +224,7 @@ def run_bench(cfg: BenchConfig, *, checkpoint: str | None = None, data: str | No
 
 
 def _invalid(moe: MoEConfig, ep: int) -> str:
-    from moge.parallel.mesh import check_expert_parallel
+    from moge.degrees import check_expert_parallel
 
     try:
         check_expert_parallel(moe, ep)
@@ -304,7 +306,8 @@ def plot(summary: list[dict], path: Path) -> Path:
                            if s["source"] == source and s["ep"] == ep and s["router"] == router]
                     if pts:
                         xs, ys = zip(*pts, strict=True)
-                        ax.plot(xs, ys, styles[router], marker="o", label=f"{'MoGE' if router == 'grouped' else 'top-K'} EP{ep}")
+                        name = "MoGE" if router == "grouped" else "top-K"
+                        ax.plot(xs, ys, styles[router], marker="o", label=f"{name} EP{ep}")
             ax.set_xscale("log", base=2)
             ax.set_xlabel("tokens per rank")
             ax.set_title(f"{source}: {title}", fontsize=10)

@@ -18,23 +18,35 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from moge.errors import ConfigError, DistributedError
+
 DEFAULT_TIMEOUT_S = 300.0
-_PEER_FAILURE = re.compile(r"timed out|timeout|connection closed|connection reset|broken pipe|"
-                           r"connection refused|peer|socket|closed by|nccl", re.IGNORECASE)
-
-
-class DistributedError(RuntimeError):
-    """A collective failed because another rank died, hung or could not be reached."""
+# What gloo and nccl say when a collective fails because a peer is gone or silent. Only these (and
+# torch's distributed error types) are relabelled: any other RuntimeError keeps its type and message.
+_PEER_FAILURE = re.compile(r"gloo/transport/|connection (?:closed|reset) by peer|timed out waiting .* for "
+                           r"(?:send|recv)|pair closure|watchdog caught collective operation timeout|"
+                           r"nccl communicator was aborted|ncclRemoteError|ncclSystemError", re.IGNORECASE)
+_DIST_ERRORS = tuple(getattr(dist, name) for name in ("DistBackendError", "DistNetworkError")
+                     if hasattr(dist, name))
 
 
 # torch gives new process groups its 30-minute default, not the world group's timeout: the timeout
-# the world was started with is kept here so the expert-parallel groups get the same one.
+# the world was started with is kept here so the parallel plans' groups get the same one.
 _timeout_s: float | None = None
 
 
 def group_timeout() -> datetime.timedelta | None:
-    """The timeout for new process groups: the one the world was started with (None: torch's)."""
-    return datetime.timedelta(seconds=_timeout_s) if _timeout_s else None
+    """The timeout for new process groups: the one the world was started with, by `init_distributed`
+    or read back from the default group (None: not known, torch's default applies)."""
+    if _timeout_s:
+        return datetime.timedelta(seconds=_timeout_s)
+    if dist.is_available() and dist.is_initialized():
+        try:
+            backend = dist.distributed_c10d._get_default_group()._get_backend(comm_device())
+            return backend.options._timeout
+        except (AttributeError, RuntimeError):
+            return None
+    return None
 
 
 def _remember_timeout(timeout_s: float) -> None:
@@ -50,7 +62,7 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None =
     """Initialise the default process group from torchrun's environment (no-op when already done).
     Returns (rank, world size)."""
     if not timeout_s or timeout_s <= 0:
-        raise ValueError(f"dist_timeout={timeout_s!r} is invalid: must be a positive number of seconds")
+        raise ConfigError(f"dist_timeout={timeout_s!r} is invalid: must be a positive number of seconds")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -77,7 +89,7 @@ def peer_failures_as_errors(timeout_s: float) -> Iterator[None]:
         raise
     except RuntimeError as e:  # gloo and nccl errors are RuntimeError subclasses
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if not _PEER_FAILURE.search(str(e)) and not isinstance(e, getattr(dist, "DistBackendError", ())):
+        if not (isinstance(e, _DIST_ERRORS) or _PEER_FAILURE.search(str(e))):
             raise
         rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
         raise DistributedError(

@@ -1,37 +1,54 @@
-"""Process groups and expert placement.
+"""Device meshes for the parallel plans, built with torch's `init_device_mesh` (named dimensions).
 
 Data x expert parallel (training and EP inference): every one of the W ranks is a data-parallel
 rank with its own tokens; the experts are split over `ep` consecutive ranks, so the world is W/ep
-copies of the experts. Rank r has expert-parallel rank r % ep inside the EP group
+copies of the experts: a ("dp", "ep") mesh. Rank r has expert-parallel rank r % ep inside the EP group
 {r - r % ep, ..., r - r % ep + ep - 1}, and its expert shard is replicated on the ranks with the same
-EP rank (its replica group). Placement is contiguous, as in the release: expert group g lives on EP
-rank g * ep / M, i.e. experts [e * N/ep, (e+1) * N/ep) on EP rank e. For MoGE, ep must divide M so
-each rank owns whole groups; that is what makes every rank's share of the work known in advance.
+EP rank (its replica group, the "dp" dimension). Placement is contiguous, as in the release: expert
+group g lives on EP rank g * ep / M, i.e. experts [e * N/ep, (e+1) * N/ep) on EP rank e (the rules on
+`ep` are moge.degrees.check_expert_parallel).
+
+H2P: attention is ("attn_dp", "attn_tp"), heads split over `attn_tp` consecutive ranks; the experts
+and the shared expert use the whole world (every rank sees every token), so they need no group.
+
+Every group keeps the world's timeout (torch would give sub-groups its 30-minute default, which
+makes a dead peer look like a hang).
 """
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass
 
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moge.config import MoEConfig, divisors
+from moge.degrees import check_divides_world, check_expert_parallel
+
+__all__ = ["ExpertParallelMesh", "H2PMesh", "check_expert_parallel", "device_mesh"]
 
 
-def check_expert_parallel(cfg: MoEConfig, ep: int) -> None:
-    """Reject expert-parallel sizes that cannot split this layer's experts (errors name the value)."""
-    if not isinstance(ep, int) or ep < 1:
-        raise ValueError(f"expert_parallel={ep!r} is invalid: must be a positive integer")
-    if cfg.num_experts % ep:
-        raise ValueError(f"expert_parallel={ep} must divide num_experts={cfg.num_experts} "
-                         f"(valid: {divisors(cfg.num_experts)})")
-    if cfg.router in ("grouped", "group_limited") and cfg.num_groups % ep:
-        raise ValueError(f"expert_parallel={ep} must divide num_groups={cfg.num_groups} so each rank owns "
-                         f"whole expert groups (valid: {divisors(cfg.num_groups)})")
-    if cfg.expert_to_group is not None:
-        raise ValueError("expert_parallel needs contiguous expert groups (expert_to_group=None): groups are "
-                         "placed on ranks by expert index")
+def _require_distributed() -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("torch.distributed is not initialised: start with torchrun (see the README) or "
+                           "call moge.parallel.launch.init_distributed() first")
+
+
+def device_mesh(shape: tuple[int, ...], names: tuple[str, ...], timeout_s: float | None = None) -> DeviceMesh:
+    """`init_device_mesh` over the default group's devices, every dimension's groups with the world's
+    timeout (or `timeout_s`). Collective: every rank calls it with the same arguments."""
+    import datetime
+
+    from moge.parallel.launch import group_timeout
+
+    backend = dist.get_backend()
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else group_timeout()
+    override = None
+    if timeout is not None:
+        options = dist.ProcessGroupNCCL.Options() if backend == "nccl" else dist.ProcessGroupGloo._Options()
+        options._timeout = timeout
+        override = {name: (backend, options) for name in names}
+    device = "cuda" if backend == "nccl" else "cpu"
+    return init_device_mesh(device, shape, mesh_dim_names=names, backend_override=override)
 
 
 @dataclass
@@ -43,6 +60,7 @@ class ExpertParallelMesh:
     ep: int
     ep_group: dist.ProcessGroup | None
     replica_group: dist.ProcessGroup | None
+    mesh: DeviceMesh | None = None
 
     @property
     def ep_rank(self) -> int:
@@ -54,27 +72,42 @@ class ExpertParallelMesh:
 
     @classmethod
     def build(cls, ep: int, timeout_s: float | None = None) -> "ExpertParallelMesh":
-        """Create the groups from the initialised default process group. Every rank must call this
-        with the same `ep` (group creation is collective). The groups' collectives fail after
-        `timeout_s` (default: the timeout the world was started with by moge.parallel.launch)."""
-        from moge.parallel.launch import group_timeout
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("torch.distributed is not initialised: start with torchrun (see the README) or "
-                               "call moge.parallel.launch.init_distributed() first")
+        """Create the ("dp", "ep") mesh from the initialised default process group. Every rank must
+        call this with the same `ep` (group creation is collective). The groups' collectives fail
+        after `timeout_s` (default: the timeout the world was started with)."""
+        _require_distributed()
         world, rank = dist.get_world_size(), dist.get_rank()
-        if not isinstance(ep, int) or ep < 1 or world % ep:
-            raise ValueError(f"expert_parallel={ep!r} must divide the world size {world} "
-                             f"(valid: {divisors(world)})")
-        ep_lists = [list(range(s, s + ep)) for s in range(0, world, ep)]
-        replica_lists = [list(range(e, world, ep)) for e in range(ep)]
-        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else group_timeout()
-        ep_group, _ = dist.new_subgroups_by_enumeration(ep_lists, timeout=timeout)
-        replica_group, _ = dist.new_subgroups_by_enumeration(replica_lists, timeout=timeout)
-        return cls(world, rank, ep, ep_group, replica_group)
+        check_divides_world("expert_parallel", ep, world)
+        mesh = device_mesh((world // ep, ep), ("dp", "ep"), timeout_s)
+        return cls(world, rank, ep, mesh["ep"].get_group(), mesh["dp"].get_group(), mesh)
 
     def expert_range(self, num_experts: int) -> range:
         """The global expert ids this rank owns."""
         per_rank = num_experts // self.ep
         return range(self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank)
 
+
+@dataclass
+class H2PMesh:
+    """The H2P layout's groups for one rank: attention TP over `attn_tp` consecutive ranks; the MoE
+    part communicates over the whole world (`world_group`, None = the default group)."""
+
+    world: int
+    rank: int
+    attn_tp: int
+    attn_group: dist.ProcessGroup | None
+    world_group: dist.ProcessGroup | None = None
+    mesh: DeviceMesh | None = None
+
+    @property
+    def attn_rank(self) -> int:
+        return self.rank % self.attn_tp
+
+    @classmethod
+    def build(cls, attn_tp: int, timeout_s: float | None = None) -> "H2PMesh":
+        """Create the ("attn_dp", "attn_tp") mesh (collective: every rank calls it alike)."""
+        _require_distributed()
+        world, rank = dist.get_world_size(), dist.get_rank()
+        check_divides_world("attn_tp", attn_tp, world)
+        mesh = device_mesh((world // attn_tp, attn_tp), ("attn_dp", "attn_tp"), timeout_s)
+        return cls(world, rank, attn_tp, mesh["attn_tp"].get_group(), dist.group.WORLD, mesh)

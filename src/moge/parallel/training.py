@@ -1,5 +1,4 @@
-"""Data x expert parallel training: gradient reduction, the global gradient norm, and optimizer state
-in a layout that does not depend on the expert-parallel size.
+"""Data x expert parallel training: gradient reduction and the global gradient norm.
 
 Each rank's loss is the mean over its own tokens; the objective is the mean over the W ranks.
 After backward, a replicated parameter holds d(loss_r)/dp on rank r, so the gradient is the
@@ -18,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moge.parallel.expert import gather_expert_tensor, is_expert_param
+from moge.parallel.expert import is_expert_param
 from moge.parallel.mesh import ExpertParallelMesh
 
 
@@ -75,57 +74,3 @@ def clip_grad_norm(named_params: Iterable[tuple[str, nn.Parameter]], max_norm: f
             for _, p in params:
                 p.grad.mul_(coef)
     return norm.float()
-
-
-def optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Module,
-                            mesh: ExpertParallelMesh | None) -> dict:
-    """{"state": {param name: {key: tensor}}, "param_groups": [...]}: the whole model's optimizer
-    state keyed by parameter name, expert shards gathered, so it loads at any expert-parallel size.
-    Collective when `mesh` is given."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    state = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            name = names[id(p)]
-            entry = {}
-            for key, value in optimizer.state.get(p, {}).items():
-                if mesh is not None and is_expert_param(name) and torch.is_tensor(value) and value.shape == p.shape:
-                    value = gather_expert_tensor(value, mesh)
-                entry[key] = value
-            state[name] = entry
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]}
-              for g in optimizer.param_groups]
-    return {"state": state, "param_groups": groups}
-
-
-def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict,
-                                 mesh: ExpertParallelMesh | None) -> None:
-    """Inverse of `optimizer_state_by_name` for this rank (expert shards sliced)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    index: dict[str, int] = {}
-    groups = []
-    for g_new, g_old in zip(optimizer.param_groups, saved["param_groups"], strict=True):
-        mine = [names[id(p)] for p in g_new["params"]]
-        if mine != g_old["params"]:
-            raise ValueError("the optimizer's parameters differ from the checkpoint's: "
-                             f"{sorted(set(mine) ^ set(g_old['params']))[:5]}")
-        groups.append({k: v for k, v in g_old.items() if k != "params"}
-                      | {"params": list(range(len(index), len(index) + len(mine)))})
-        index.update({n: len(index) + i for i, n in enumerate(mine)})
-    state = {}
-    params = {n: p for n, p in model.named_parameters()}
-    for name, entry in saved["state"].items():
-        if not entry:
-            continue
-        p = params[name]
-        local = {}
-        for key, value in entry.items():
-            if torch.is_tensor(value) and is_expert_param(name) and value.dim() and value.shape[0] != p.shape[0]:
-                if mesh is None or value.shape[0] != p.shape[0] * mesh.ep:
-                    raise ValueError(f"optimizer state {name}.{key} has shape {tuple(value.shape)}, parameter "
-                                     f"has {tuple(p.shape)}")
-                rng = mesh.expert_range(value.shape[0])
-                value = value[rng.start:rng.stop]
-            local[key] = value.clone() if torch.is_tensor(value) else value
-        state[index[name]] = local
-    optimizer.load_state_dict({"state": state, "param_groups": groups})

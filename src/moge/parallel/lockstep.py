@@ -1,0 +1,19 @@
+"""Decoding in lockstep across ranks: the ranks of a parallel model must run every forward together,
+so a rank whose rows are all done keeps stepping until every rank's are (its extra tokens are
+discarded). `generate(..., all_done=all_ranks_done)` uses this under torch.distributed."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def all_ranks_done(done: bool) -> bool:
+    """True when `done` is true on every rank of the default group (just `done` without one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return done
+    from moge.parallel.launch import comm_device
+
+    flag = torch.tensor([1.0 if done else 0.0], device=comm_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
