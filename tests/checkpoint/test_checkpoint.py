@@ -12,16 +12,24 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moge import checkpoint as ck
-from moge.checkpoint import (CheckpointError, from_release_state_dict, load_pretrained, load_state_dict_into,
-                             release_state_dict, save_pretrained)
+from moge.checkpoint import (
+    CheckpointError,
+    from_release_state_dict,
+    load_pretrained,
+    load_state_dict_into,
+    release_state_dict,
+    save_pretrained,
+)
+from moge.checkpoint import save as ck_save
+from moge.checkpoint.build import meta_model
 from moge.config import PRESETS
+from moge.errors import MissingFileError
 from moge.nn.model import PanguProMoEForCausalLM
 from moge.nn.routing import Router
+from models import tiny_config
 
 # Same structure as the release, small: 2 layers, 8 experts in 4 groups, shared expert, biases.
-SMALL = PRESETS["moge-tiny"].replace(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                     num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,
-                                     shared_expert_intermediate_size=24, max_position_embeddings=64)
+SMALL = tiny_config(vocab_size=101)
 SHARD = 6000  # bytes: splits SMALL (fp32) into many shards
 
 
@@ -49,7 +57,7 @@ def index_of(directory):
 
 
 def release_keys_from_spec(cfg):
-    """The release's key list, written from the specification rather than from checkpoint.py."""
+    """The release's key list, written from the specification rather than from moge.checkpoint.layout."""
     keys = {"model.embed_tokens.weight": [cfg.vocab_size, cfg.hidden_size], "model.norm.weight": [cfg.hidden_size],
             "lm_head.weight": [cfg.vocab_size, cfg.hidden_size]}
     d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_size, cfg.num_kv_heads * cfg.head_size
@@ -166,7 +174,7 @@ def test_load_into_an_existing_model_in_place(saved):
     assert target.model.layers[0].mlp.experts.gate_up_proj is weight
     assert torch.equal(logits(target), logits(model))
     with pytest.raises(ValueError, match="meta device"):
-        load_state_dict_into(ck._meta_model(SMALL), directory)
+        load_state_dict_into(meta_model(SMALL), directory)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, "bf16"])
@@ -225,6 +233,67 @@ def test_expert_bias_is_saved_under_our_key_and_optional_on_load(saved, tmp_path
     assert torch.equal(block.router.expert_bias, torch.linspace(-1, 1, SMALL.num_experts))
 
 
+def with_biased_routers(model):
+    """Every router (main layers and MTP modules) rebuilt with the aux-loss-free bias, as training with
+    a bias update rate does, holding distinct non-zero biases and non-trivial gate weights."""
+    routers = [(n, m) for n, m in model.named_modules() if isinstance(m, Router)]
+    for i, (name, router) in enumerate(routers):
+        parent, _, attr = name.rpartition(".")
+        biased = Router(dataclasses.replace(router.cfg, aux_free_bias=True))
+        with torch.no_grad():
+            biased.gate.weight.copy_(torch.randn_like(biased.gate.weight))
+            biased.router_scale.copy_(router.router_scale)
+            biased.expert_bias.copy_(torch.linspace(-1, 1, router.cfg.num_experts).roll(i) * (i + 1))
+        setattr(model.get_submodule(parent), attr, biased)
+    return model
+
+
+def mtp_logits(model, seed=2):
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        hidden = model(ids).pre_norm_hidden
+        return model.mtp_forward(hidden, ids.roll(-1, dims=1)).logits
+
+
+def test_every_router_bias_round_trips_including_the_mtp_modules(tmp_path):
+    # regression: the loader only gave the main layers' routers a place for expert_bias, so a model
+    # trained with --mtp and a bias update rate wrote checkpoints that did not load
+    model = with_biased_routers(make_model(SMALL.replace(num_mtp_modules=1)))
+    biases = {n: b for n, b in model.named_buffers() if n.endswith("expert_bias")}
+    assert "model.mtp.0.mlp.router.expert_bias" in biases and len(biases) == SMALL.num_layers + 1
+    save_pretrained(model, tmp_path / "mtp", max_shard_bytes=SHARD)
+    loaded = load_pretrained(tmp_path / "mtp")
+    back = {n: b for n, b in loaded.named_buffers() if n.endswith("expert_bias")}
+    assert back.keys() == biases.keys() and all(torch.equal(back[n], biases[n]) for n in biases)
+    for (k, x), (k2, y) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(x, y), k
+    assert torch.equal(logits(loaded), logits(model))
+    assert torch.equal(mtp_logits(loaded), mtp_logits(model))
+    # the release-layout conversion from a config gives the biased routers a place too
+    ours = from_release_state_dict(release_state_dict(model), model.config)
+    assert all(torch.equal(ours[n], biases[n]) for n in biases)
+
+
+def test_a_run_trained_with_mtp_and_bias_updates_loads_back(corpus, tmp_path):
+    from moge.train.trainer import TrainConfig, Trainer, load_data
+
+    cfg = TrainConfig(model=str(corpus / "tiny.json"), data=str(corpus / "data"), out=str(tmp_path / "run"),
+                      steps=2, batch_size=4, seq_len=16, warmup=1, lr=1e-2, eval_every=100, save_every=100,
+                      bias_update_rate=0.01, mtp_modules=1, mtp_loss_weight=0.3)
+    trainer = Trainer(cfg, load_data(cfg), log=lambda _m: None)
+    for _ in range(2):
+        trainer.train_step()
+    path = trainer.save()
+    trained = trainer.model.eval()
+    biases = {n: b for n, b in trained.named_buffers() if n.endswith("expert_bias")}
+    assert "model.mtp.0.mlp.router.expert_bias" in biases and any(b.abs().sum() > 0 for b in biases.values())
+    loaded = load_pretrained(path)
+    for (k, x), (k2, y) in zip(trained.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(x, y), k
+    assert torch.equal(logits(loaded), logits(trained))
+    assert torch.equal(mtp_logits(loaded), mtp_logits(trained))
+
+
 # ---- overwriting --------------------------------------------------------------------------------
 
 
@@ -248,7 +317,7 @@ def test_a_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
     first = make_model(seed=1)
     save_pretrained(first, directory, max_shard_bytes=SHARD)
     before = files_of(directory)
-    original, calls = ck.safetensors_bytes, []
+    original, calls = ck_save.safetensors_bytes, []
 
     def failing(tensors, metadata=None):
         calls.append(1)
@@ -256,7 +325,7 @@ def test_a_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
             raise OSError("disk full")
         return original(tensors, metadata=metadata)
 
-    monkeypatch.setattr(ck, "safetensors_bytes", failing)
+    monkeypatch.setattr(ck_save, "safetensors_bytes", failing)
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(make_model(seed=2), directory, max_shard_bytes=SHARD)
     assert files_of(directory) == before  # no staging leftovers, nothing replaced
@@ -342,8 +411,9 @@ def test_missing_shard_file_is_named(saved, tmp_path):
     directory = copy_of(saved[1], tmp_path)
     name = sorted(set(index_of(directory)["weight_map"].values()))[-1]
     (directory / name).unlink()
-    with pytest.raises(CheckpointError, match=f"do not exist.*{re.escape(name)}"):
+    with pytest.raises(CheckpointError, match=f"do not exist.*{re.escape(name)}") as error:
         load_pretrained(directory)
+    assert isinstance(error.value, FileNotFoundError)
 
 
 def test_config_missing_or_invalid(saved, tmp_path):
@@ -355,10 +425,12 @@ def test_config_missing_or_invalid(saved, tmp_path):
     with pytest.raises(CheckpointError, match="hidden_size=-1"):
         load_pretrained(directory)
     (directory / "config.json").unlink()
-    with pytest.raises(CheckpointError, match="config.json is missing"):
+    with pytest.raises(CheckpointError, match="config.json is missing") as missing:
         load_pretrained(directory)
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist") as nowhere:
         load_pretrained(tmp_path / "nowhere")
+    # a file that is not there is also what callers catching FileNotFoundError expect
+    assert isinstance(missing.value, MissingFileError) and isinstance(nowhere.value, FileNotFoundError)
 
 
 def test_pickle_files_are_refused_unless_opted_in(saved, tmp_path):

@@ -4,18 +4,17 @@ import pytest
 import torch
 
 from moge.checkpoint import load_pretrained, save_pretrained
-from moge.config import PRESETS
 from moge.checkpoint.merge import merge_checkpoints, merge_state_dicts
+from models import smallest_config
 from moge.nn.model import PanguProMoEForCausalLM
 
-CFG = PRESETS["moge-tiny"].replace(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-                                   num_experts=4, top_k=2, num_groups=2, expert_intermediate_size=8,
-                                   shared_expert_intermediate_size=8, eos_token_id=2)
+CFG = smallest_config(eos_token_id=2)
 
 
 def test_formula_by_hand():
     base = {"w": torch.tensor([1.0, 2.0]), "step": torch.tensor([3])}
-    g1 = [{"w": torch.tensor([3.0, 2.0]), "step": torch.tensor([9])}, {"w": torch.tensor([5.0, 6.0]), "step": torch.tensor([9])}]
+    g1 = [{"w": torch.tensor([3.0, 2.0]), "step": torch.tensor([9])},
+          {"w": torch.tensor([5.0, 6.0]), "step": torch.tensor([9])}]
     g2 = [{"w": torch.tensor([0.0, 0.0]), "step": torch.tensor([9])}]
     out = merge_state_dicts(base, [g1, g2], [0.5, 0.25])
     # base + 0.5 * mean([2,0],[4,4]) + 0.25 * [-1,-2] = [1,2] + [1.5,1] + [-0.25,-0.5]

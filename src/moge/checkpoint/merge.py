@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moge.checkpoint.load import load_float
+from moge.checkpoint.save import save_pretrained
+from moge.errors import CheckpointError, ConfigError
 from moge.nn.model import PanguProMoEForCausalLM
 
 
@@ -21,19 +24,19 @@ def merge_state_dicts(base: Mapping[str, Tensor], groups: Sequence[Sequence[Mapp
                       lambdas: Sequence[float]) -> dict[str, Tensor]:
     """The merge formula over state dicts with identical keys and shapes (base dtype kept)."""
     if len(groups) != len(lambdas):
-        raise ValueError(f"got {len(groups)} checkpoint groups but {len(lambdas)} lambdas: give one lambda per group")
+        raise ConfigError(f"got {len(groups)} checkpoint groups but {len(lambdas)} lambdas: give one lambda per group")
     if any(len(g) == 0 for g in groups):
-        raise ValueError("every checkpoint group needs at least one checkpoint")
+        raise ConfigError("every checkpoint group needs at least one checkpoint")
     for k, group in enumerate(groups):
         for i, sd in enumerate(group):
             if set(sd) != set(base):
                 missing, extra = sorted(set(base) - set(sd)), sorted(set(sd) - set(base))
-                raise ValueError(f"group {k} checkpoint {i} does not match the base: missing {missing[:5]}, "
-                                 f"unexpected {extra[:5]}")
+                raise CheckpointError(f"group {k} checkpoint {i} does not match the base: missing {missing[:5]}, "
+                                      f"unexpected {extra[:5]}")
             for key, t in sd.items():
                 if t.shape != base[key].shape:
-                    raise ValueError(f"group {k} checkpoint {i}: {key} has shape {tuple(t.shape)}, "
-                                     f"base has {tuple(base[key].shape)}")
+                    raise CheckpointError(f"group {k} checkpoint {i}: {key} has shape {tuple(t.shape)}, "
+                                          f"base has {tuple(base[key].shape)}")
     merged = {}
     for key, b in base.items():
         if not b.is_floating_point():
@@ -50,18 +53,16 @@ def merge_state_dicts(base: Mapping[str, Tensor], groups: Sequence[Sequence[Mapp
 
 def merge_checkpoints(base: str | Path, groups: Sequence[Sequence[str | Path]], lambdas: Sequence[float],
                       out: str | Path) -> PanguProMoEForCausalLM:
-    """Load released-layout checkpoints, merge them, save the result to `out`."""
-    from moge.checkpoint import load_pretrained, save_pretrained
-
-    base_model = load_pretrained(base)
+    """Load released-layout (float) checkpoints, merge them, save the result to `out`."""
+    base_model = load_float(base)
     group_sds = []
     for g in groups:
         sds = []
         for path in g:
-            model = load_pretrained(path)
+            model = load_float(path)
             if model.config != base_model.config:
-                raise ValueError(f"checkpoint {path} has a different model config from the base {base}; "
-                                 "only checkpoints of one architecture can be merged")
+                raise ConfigError(f"checkpoint {path} has a different model config from the base {base}; "
+                                  "only checkpoints of one architecture can be merged")
             sds.append(model.state_dict())
         group_sds.append(sds)
     merged = merge_state_dicts(base_model.state_dict(), group_sds, lambdas)

@@ -11,6 +11,8 @@ experts stacked as in memory.
 same structure before it reads a byte. Every mismatch (config field, missing, unexpected or
 misshapen tensor, wrong dtype, scales that are not finite and positive, int8 values outside
 -127..127, a truncated file) raises CheckpointError naming the field or tensor and the value.
+The loader builds and completes its model with the same helpers as the float loader
+(moge.checkpoint.build, moge.checkpoint.files); `moge.checkpoint.load_pretrained` picks between them.
 """
 
 from __future__ import annotations
@@ -19,15 +21,23 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from moge.checkpoint import (CONFIG_NAME, INDEX_NAME, SINGLE_FILE_NAME, CheckpointError, _add_expert_bias_where_saved,
-                             _corrupt, _listing, _meta_model, _rebuild_non_persistent_buffers, _safetensors_headers,
-                             read_config, resolve_dtype)
-from moge.nn.experts import SwiGLUExperts
+from moge.checkpoint.build import add_expert_bias_where_saved, meta_model, rebuild_non_persistent_buffers, resolve_dtype
+from moge.checkpoint.files import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    SINGLE_FILE_NAME,
+    MissingCheckpointFileError,
+    listing,
+    read_config,
+    read_safetensors,
+    safetensors_headers,
+)
+from moge.errors import CheckpointError, ConfigError
 from moge.io import atomic_write_bytes, atomic_write_text
+from moge.nn.experts import SwiGLUExperts
 from moge.quant.experts import QuantExperts
 from moge.quant.int8 import QMAX, QuantLinear
 
@@ -60,10 +70,10 @@ def save_quantized(model: nn.Module, directory: str | Path, *, report: dict | No
     """Write `directory/config.json` (with quantization_config) and `directory/model.safetensors`."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise ValueError(f"out directory={str(directory)!r} is a file; give a directory path")
+        raise ConfigError(f"out directory={str(directory)!r} is a file; give a directory path")
     if (directory / INDEX_NAME).exists():
-        raise ValueError(f"{directory} holds a sharded float checkpoint ({INDEX_NAME}); write the quantized "
-                         f"model to another directory")
+        raise ConfigError(f"{directory} holds a sharded float checkpoint ({INDEX_NAME}); write the quantized "
+                          f"model to another directory")
     qc = quantization_config(model, report)
     cfg = model.config
     state = model.state_dict()
@@ -146,20 +156,21 @@ def load_quantized(directory: str | Path, *, dtype: torch.dtype | str | None = N
     linear, experts = _check_config(cfg.extra.get("quantization_config"), directory / CONFIG_NAME)
     path = directory / SINGLE_FILE_NAME
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: a quantized checkpoint keeps its weights in {SINGLE_FILE_NAME}")
-    found = _safetensors_headers(path)
-    model = _meta_model(cfg)
-    _add_expert_bias_where_saved(model, found)
+        raise MissingCheckpointFileError(f"{path} is missing: a quantized checkpoint keeps its weights in "
+                                         f"{SINGLE_FILE_NAME}")
+    found = safetensors_headers(path)
+    model = meta_model(cfg)
+    add_expert_bias_where_saved(model, found)
     _swap_modules(model, linear, experts)
     expected = {k: t for k, t in model.state_dict().items()
                 if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     problems = []
     missing = [k for k in expected if k not in found]
     if missing:
-        problems.append(f"missing tensors ({len(missing)}): {_listing(missing)}")
+        problems.append(f"missing tensors ({len(missing)}): {listing(missing)}")
     unexpected = [k for k in found if k not in expected]
     if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {_listing(unexpected)}")
+        problems.append(f"unexpected tensors ({len(unexpected)}): {listing(unexpected)}")
     bad = []
     quant_keys = set()
     for key, t in expected.items():
@@ -181,27 +192,18 @@ def load_quantized(directory: str | Path, *, dtype: torch.dtype | str | None = N
         raise CheckpointError(f"quantized checkpoint {directory} does not match its config:\n  "
                               + "\n  ".join(problems))
     tensors: dict[str, Tensor] = {}
-    try:
-        handle = safe_open(path, framework="pt", device="cpu")
-    except Exception as e:  # noqa: BLE001 - the Rust errors have no stable Python type
-        raise _corrupt(path, e) from None
-    with handle as f:
-        for key in expected:
-            try:
-                value = f.get_tensor(key)
-            except Exception as e:  # noqa: BLE001
-                raise _corrupt(path, e) from None
-            if key in quant_keys:
-                _check_values(key, value, path)
-            elif target is not None and value.is_floating_point():
-                value = value.to(target)
-            tensors[key] = value.to(device)
+    for key, value in read_safetensors(path, list(expected)):
+        if key in quant_keys:
+            _check_values(key, value, path)
+        elif target is not None and value.is_floating_point():
+            value = value.to(target)
+        tensors[key] = value.to(device)
     if cfg.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    _rebuild_non_persistent_buffers(model, torch.device(device))
+    rebuild_non_persistent_buffers(model, torch.device(device))
     return model.eval()
 
 
