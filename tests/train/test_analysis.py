@@ -2,13 +2,12 @@
 
 import torch
 
-from moge.train.analysis import analyze, collect_routing, imbalance_by_batch_size, plot_analysis
-from moge.config import PRESETS
+from models import tiny_config
 from moge.nn.model import PanguProMoEForCausalLM
+from moge.train.analysis import analyze, collect_routing, imbalance_by_batch_size, plot_analysis
 
-CFG = PRESETS["moge-tiny"].replace(vocab_size=64, hidden_size=32, num_layers=3, num_heads=2, num_kv_heads=1,
-                                   num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=8,
-                                   shared_expert_intermediate_size=8, eos_token_id=2)
+CFG = tiny_config(vocab_size=64, num_layers=3, num_heads=2, num_kv_heads=1, expert_intermediate_size=8,
+                  shared_expert_intermediate_size=8, max_position_embeddings=1024, eos_token_id=2)
 
 
 def _trace(cfg):

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from moge.cli import main
-from moge.train.trainer import TrainConfig, Trainer, TrainingError, load_data
+from moge.train.config import TrainConfig, TrainingError
+from moge.train.data import load_data
+from moge.train.trainer import Trainer
 
 
 def _cfg(corpus, tmp_path, **kw):
@@ -83,9 +85,11 @@ def test_other_aux_scopes_and_topk_train(corpus, tmp_path, scope):
     cfg = _cfg(corpus, tmp_path, steps=3, aux_scope=scope, grad_accum=2)
     rows = [Trainer(cfg, load_data(cfg)).train_step() for _ in range(1)]
     assert rows[0]["aux"] > 0
+    # MoGE loads the 4 devices exactly evenly on every batch; top-K on 64 random-init tokens does not
+    assert rows[0]["imbalance"] == 0 and rows[0]["device_max_over_mean"] == 1
     topk = _cfg(corpus, tmp_path / "t", model=str(corpus / "tiny-topk.json"), steps=3)
     row = Trainer(topk, load_data(topk)).train_step()
-    assert row["imbalance"] >= 0
+    assert row["imbalance"] > 0 and row["device_max_over_mean"] > 1
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
@@ -124,7 +128,7 @@ def test_cli_train_resume_analyze_end_to_end(corpus, tmp_path, capsys):
 
 
 def test_lr_schedule_shape():
-    from moge.train.trainer import lr_at
+    from moge.train.optim import lr_at
 
     cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)

@@ -22,19 +22,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/quickstart", help="run directory")
     p.add_argument("--steps", type=int, default=300, help="training steps (about 0.6 s each on 2 CPU cores)")
     p.add_argument("--prompt", default="ROMEO.", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--max-new-tokens", type=int, default=60, help="length of the generated sample")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from moge.metrics import LoadTracker
     from moge.data.prepare import prepare
     from moge.inference.generate import Sampling, generate
     from moge.inference.tokenizer import load_tokenizer
-    from moge.train.trainer import TrainConfig, Trainer, load_data
+    from moge.metrics import LoadTracker
+    from moge.train.config import TrainConfig
+    from moge.train.data import load_data
+    from moge.train.trainer import Trainer
 
-    say = (lambda m: print(m, file=sys.stderr))
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
     manifest = prepare(args.data, progress=not args.json, log=say)
     say(f"corpus: {args.data} ({'cached' if manifest.get('cached') else 'built'})")
     cfg = TrainConfig(data=args.data, out=args.out, steps=args.steps, eval_every=max(1, args.steps // 3),

@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from moge.train.trainer import AUX_SCOPES, TrainConfig
+from moge.errors import ConfigError
+from moge.train.config import AUX_SCOPES, TrainConfig
 
 # `moge compare` trains four models: the defaults are sized for about 15 minutes on 2 CPU cores.
 COMPARE_DEFAULTS = TrainConfig(out="runs/compare", steps=300, eval_every=100, save_every=100)
@@ -71,7 +72,7 @@ def train_config_from_args(args: argparse.Namespace, base: TrainConfig | None = 
         data = json.loads(Path(args.config).read_text())
         unknown = set(data) - {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown:
-            raise ValueError(f"--config {args.config}: unknown keys {sorted(unknown)}; valid keys are the "
+            raise ConfigError(f"--config {args.config}: unknown keys {sorted(unknown)}; valid keys are the "
                              f"long flags of `moge train` with '_' for '-'")
         base = dataclasses.replace(base, **data)
     changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
@@ -141,8 +142,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Single process, or one rank of `torchrun --nproc-per-node N -m moge train ...` (data x expert
     parallel; only rank 0 prints and writes)."""
-    from moge.parallel.launch import (DistributedError, init_distributed, launched_by_torchrun,
-                                      peer_failures_as_errors, shutdown)
+    from moge.parallel.launch import (
+        DistributedError,
+        init_distributed,
+        launched_by_torchrun,
+        peer_failures_as_errors,
+        shutdown,
+    )
 
     cfg = train_config_from_args(args)
     distributed = launched_by_torchrun()
@@ -159,7 +165,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, cfg: TrainConfig, rank: int) -> int:
-    from moge.train.trainer import Trainer, TrainingError, load_data
+    from moge.train.config import TrainingError
+    from moge.train.data import load_data
+    from moge.train.trainer import Trainer
 
     def say(msg: str) -> None:
         if rank == 0:
@@ -173,7 +181,7 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, rank: int) -> int:
         else:
             say(f"no checkpoint in {cfg.out}; starting from scratch")
     elif trainer.latest_checkpoint() is not None:
-        raise ValueError(f"--out {cfg.out} already holds a run; pass --resume to continue it or choose another --out")
+        raise ConfigError(f"--out={cfg.out} already holds a run; pass --resume to continue it or choose another --out")
     try:
         summary = trainer.fit(progress=not args.no_progress)
     except TrainingError as e:
@@ -190,7 +198,7 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, rank: int) -> int:
 
 def run_compare_cmd(args: argparse.Namespace) -> int:
     from moge.train.compare import run_compare
-    from moge.train.trainer import load_data
+    from moge.train.data import load_data
 
     cfg = train_config_from_args(args, COMPARE_DEFAULTS)
     data = load_data(cfg)
@@ -211,9 +219,11 @@ def run_compare_cmd(args: argparse.Namespace) -> int:
 def run_analyze(args: argparse.Namespace) -> int:
     from moge.train.analysis import analyze, collect_routing, plot_analysis, write_report
     from moge.checkpoint import load_pretrained
+    from moge.data.tokenizer_check import check_corpus_tokenizer
     from moge.train.trainer import TrainData
 
     model = load_pretrained(args.ckpt)
+    check_corpus_tokenizer(args.data, args.ckpt)
     data = TrainData(args.data, seq_len=args.seq_len)
     batches = {d: [b[:, :-1] for b in data.val_batches(d, args.windows, 16)] for d in data.domains}
     stats = analyze(collect_routing(model, batches))
@@ -239,7 +249,7 @@ def run_merge(args: argparse.Namespace) -> int:
     from moge.checkpoint.merge import merge_checkpoints
 
     if len(args.group) != len(args.lam):
-        raise ValueError(f"got {len(args.group)} --group but {len(args.lam)} --lam: give one --lam per --group")
+        raise ConfigError(f"got {len(args.group)} --group but {len(args.lam)} --lam: give one --lam per --group")
     groups = [[p for p in g.split(",") if p] for g in args.group]
     merge_checkpoints(args.base, groups, args.lam, args.out)
     summary = {"out": args.out, "base": args.base, "groups": groups, "lambdas": args.lam}

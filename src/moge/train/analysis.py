@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moge.errors import ConfigError
 from moge.io import save_figure
-from moge.metrics import (coactivation, contiguous_device_map, device_loads, intra_group_share, load_stats,
-                          max_over_mean)
+from moge.metrics import coactivation, contiguous_device_map, device_loads, intra_group_share, load_stats, max_over_mean
 from moge.nn.model import PanguProMoEForCausalLM
 
 
@@ -48,7 +48,7 @@ def collect_routing(model: PanguProMoEForCausalLM, batches: Mapping[str, Iterabl
     """Run `model` over each domain's token batches [B, S] and record the routing of every layer."""
     cfg = model.config
     if not cfg.is_moe:
-        raise ValueError("routing analysis needs a MoE model (num_experts > 0)")
+        raise ConfigError("routing analysis needs a MoE model (num_experts > 0)")
     model.eval()
     experts: dict[str, list[Tensor]] = {}
     for domain, domain_batches in batches.items():
@@ -60,7 +60,7 @@ def collect_routing(model: PanguProMoEForCausalLM, batches: Mapping[str, Iterabl
         if per_layer[0]:
             experts[domain] = [torch.cat(x) for x in per_layer]
     if not experts:
-        raise ValueError("no batches to analyse")
+        raise ConfigError("no batches to analyse")
     return RoutingTrace(experts, cfg.num_experts, cfg.num_groups)
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from moge.io import save_figure
-from moge.train.analysis import collect_routing, imbalance_by_batch_size
+from moge.io import atomic_write_text, save_figure
 from moge.metrics import load_stats
-from moge.io import atomic_write_text
-from moge.train.trainer import TrainConfig, Trainer
+from moge.train.analysis import collect_routing, imbalance_by_batch_size
+from moge.train.config import TrainConfig
+from moge.train.trainer import Trainer
 
 
 @dataclass(frozen=True)
