@@ -47,8 +47,10 @@ def build_theirs(cfg: ModelConfig, experts_impl: str, seed: int):
     qcfg = Qwen2MoeConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        num_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k, moe_intermediate_size=cfg.expert_intermediate_size,
-        shared_expert_intermediate_size=cfg.shared_expert_intermediate_size, intermediate_size=cfg.expert_intermediate_size,
+        num_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k,
+        moe_intermediate_size=cfg.expert_intermediate_size,
+        shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+        intermediate_size=cfg.expert_intermediate_size,
         norm_topk_prob=False, qkv_bias=cfg.attention_bias, rms_norm_eps=cfg.rms_norm_eps,
         max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
@@ -167,7 +169,7 @@ def bench_batch(ours, theirs: dict, cfg: ModelConfig, batch: int, prompt_len: in
     contenders.update({f"hf-{impl}": (m, prefill_theirs, generate_theirs) for impl, m in theirs.items()})
     prefill: dict[str, list[float]] = {k: [] for k in contenders}
     total: dict[str, list[float]] = {k: [] for k in contenders}
-    for name, (model, pf, gn) in contenders.items():  # warm-up
+    for model, pf, gn in contenders.values():  # warm-up
         pf(model, ids)
         gn(model, ids, 2)
     for _ in range(reps):

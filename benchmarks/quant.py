@@ -147,11 +147,11 @@ def large_layer(dim: int, rows: list[int], reps: int) -> list[dict]:
         x = torch.randn(M, dim)
         inner = max(1, 2048 // (M * max(1, dim // 256)))
         row = {"M": M, "D": dim}
-        row["fp32_us"] = _median_time(lambda: F.linear(x, w), reps, inner) * 1e6
+        row["fp32_us"] = _median_time(lambda x=x: F.linear(x, w), reps, inner) * 1e6
         for kernel in ("int32", "int_mm"):
             set_int8_kernel(kernel)
             slow = kernel == "int_mm"
-            row[f"w8a8_{kernel}_us"] = _median_time(lambda: int8_linear(x, q_w, s_w), max(1, reps // 2) if slow
+            row[f"w8a8_{kernel}_us"] = _median_time(lambda x=x: int8_linear(x, q_w, s_w), max(1, reps // 2) if slow
                                                     else reps, 1 if slow else inner) * 1e6
         set_int8_kernel("auto")
         q_x, _ = quantize_per_token(x)

@@ -82,12 +82,12 @@ def bench_trained(model, prompts, new_tokens: int, drafts: list[int], reps: int,
     speculative_generate(model, prompts[:1], max_new_tokens=4, stop_ids=[])
     for rep in range(reps):
         for prompt in prompts:
-            t, res = time_call(lambda: generate(model, [prompt], max_new_tokens=new_tokens, stop_ids=[]))
+            t, res = time_call(lambda p=prompt: generate(model, [p], max_new_tokens=new_tokens, stop_ids=[]))
             plain_total.append(t)
             plain_decode.append(res.decode_s)
             for k in drafts:
-                t, spec = time_call(lambda: speculative_generate(model, [prompt], max_new_tokens=new_tokens,
-                                                                 stop_ids=[], num_draft=k))
+                t, spec = time_call(lambda p=prompt, k=k: speculative_generate(
+                    model, [p], max_new_tokens=new_tokens, stop_ids=[], num_draft=k))
                 spec_total[k].append(t)
                 spec_decode[k].append(spec.decode_s)
                 identical &= spec.tokens == res.tokens

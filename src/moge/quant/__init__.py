@@ -1,7 +1,10 @@
 """W8A8 inference: int8 weights (per output channel) and int8 activations (per token) with a real
 integer matmul, expert-aware smoothing and router-aligned calibration (arXiv 2505.21411, sec. 5).
+Saving and loading quantized checkpoints lives with the other checkpoint formats, in
+moge.checkpoint.quantized.
 
-    from moge.quant import balanced_calibration_set, quantize_model, save_quantized, load_quantized
+    from moge.quant import balanced_calibration_set, quantize_model
+    from moge.checkpoint.quantized import save_quantized, load_quantized
 
     calib = balanced_calibration_set(model, "data/corpus", windows=32, seq_len=128)
     report = quantize_model(model, calib.input_ids)       # in place
@@ -10,15 +13,13 @@ integer matmul, expert-aware smoothing and router-aligned calibration (arXiv 250
 """
 
 from moge.quant.calibrate import CalibrationSet, balanced_calibration_set
-from moge.checkpoint.quantized import is_quantized_checkpoint, load_quantized, quantization_config, save_quantized
 from moge.quant.experts import QuantExperts
 from moge.quant.int8 import (QuantLinear, dequantize, int8_kernel, int8_linear, int8_mm, quantize_per_channel,
                              quantize_per_token, set_int8_kernel)
 from moge.quant.model import DEFAULT_ALPHA_GRID, QuantizationReport, is_quantized, quantize_model, weight_memory
 
 __all__ = [
-    "CalibrationSet", "balanced_calibration_set", "is_quantized_checkpoint", "load_quantized", "quantization_config",
-    "save_quantized", "QuantExperts", "QuantLinear", "dequantize", "int8_linear", "int8_mm", "quantize_per_channel",
-    "quantize_per_token", "int8_kernel", "set_int8_kernel", "DEFAULT_ALPHA_GRID", "QuantizationReport",
-    "is_quantized", "quantize_model", "weight_memory",
+    "CalibrationSet", "balanced_calibration_set", "QuantExperts", "QuantLinear", "dequantize", "int8_linear",
+    "int8_mm", "quantize_per_channel", "quantize_per_token", "int8_kernel", "set_int8_kernel", "DEFAULT_ALPHA_GRID",
+    "QuantizationReport", "is_quantized", "quantize_model", "weight_memory",
 ]
