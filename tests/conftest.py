@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import settings
 
-from moge.config import PRESETS
 from moge.data.corpus import Document
 from moge.data.prepare import prepare
 from moge.data.sources import Source
+from models import tiny_config
 
 # Small, fast and repeatable: CI has 2 cores.
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
@@ -37,9 +37,7 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     sources = [Source(d, f"generated {d}", "generated for tests", lambda _p, d=d: _docs(d)) for d in WORDS]
     prepare(root / "data", cache_dir=root / "cache", sources=sources, vocab_size=300, val_fraction=0.2)
-    cfg = PRESETS["moge-tiny"].replace(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                                       num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,
-                                       shared_expert_intermediate_size=16, max_position_embeddings=64)
+    cfg = tiny_config(vocab_size=300, num_heads=2, num_kv_heads=1, shared_expert_intermediate_size=16)
     cfg.to_json(root / "tiny.json")
     cfg.replace(router="topk").to_json(root / "tiny-topk.json")
     return root

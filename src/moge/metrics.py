@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from moge.errors import ConfigError
+
 # ---------------------------------------------------------------------------------------------
 # Placement and counting
 # ---------------------------------------------------------------------------------------------
@@ -20,7 +22,7 @@ from torch import Tensor
 def contiguous_device_map(num_experts: int, num_devices: int) -> Tensor:
     """Experts [j*N/M, (j+1)*N/M) on device j, the release's placement."""
     if num_experts <= 0 or num_devices <= 0 or num_experts % num_devices:
-        raise ValueError(f"num_devices={num_devices} must be positive and divide num_experts={num_experts}")
+        raise ConfigError(f"num_devices={num_devices} must be positive and divide num_experts={num_experts}")
     return torch.arange(num_experts) // (num_experts // num_devices)
 
 
@@ -68,22 +70,22 @@ def sample_experts(trials: int, tokens: int, num_experts: int, top_k: int, *, nu
     skewed router.
     """
     if min(trials, tokens, num_experts, top_k) <= 0:
-        raise ValueError(f"trials={trials}, tokens={tokens}, num_experts={num_experts}, top_k={top_k} "
+        raise ConfigError(f"trials={trials}, tokens={tokens}, num_experts={num_experts}, top_k={top_k} "
                          "must all be positive")
     if top_k > num_experts:
-        raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
+        raise ConfigError(f"top_k={top_k} must be <= num_experts={num_experts}")
     shape = (trials, tokens, num_experts)
     keys = torch.rand(shape, generator=generator)
     if expert_weights is not None:
         w = torch.as_tensor(expert_weights, dtype=torch.float32)
         if w.shape != (num_experts,) or not torch.all(w >= 0) or not w.sum() > 0:
-            raise ValueError(f"expert_weights must be {num_experts} non-negative numbers with a positive sum")
+            raise ConfigError(f"expert_weights must be {num_experts} non-negative numbers with a positive sum")
         # Gumbel top-k: argmax of log w + Gumbel noise samples without replacement proportional to w
         keys = w.log() - torch.log(-torch.log(keys.clamp_min(1e-20)))
     if num_groups is None:
         return keys.topk(top_k, dim=-1).indices
     if num_experts % num_groups or top_k % num_groups or top_k // num_groups > num_experts // num_groups:
-        raise ValueError(f"num_groups={num_groups} must divide num_experts={num_experts} and top_k={top_k}, "
+        raise ConfigError(f"num_groups={num_groups} must divide num_experts={num_experts} and top_k={top_k}, "
                          f"with top_k/num_groups <= num_experts/num_groups")
     per = num_experts // num_groups
     idx = keys.view(trials, tokens, num_groups, per).topk(top_k // num_groups, dim=-1).indices

@@ -13,15 +13,13 @@ pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa: E402
 
 from moge.checkpoint import save_pretrained  # noqa: E402
-from moge.config import PRESETS, ModelConfig  # noqa: E402
+from moge.config import ModelConfig  # noqa: E402
 from moge.inference.generate import generate  # noqa: E402
 from moge.hf.model import PanguProMoEConfig, PanguProMoEForCausalLM  # noqa: E402
 from moge.nn.model import PanguProMoEForCausalLM as OurModel  # noqa: E402
+from models import tiny_config  # noqa: E402
 
-TINY = PRESETS["moge-tiny"].replace(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                    num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,
-                                    shared_expert_intermediate_size=24, max_position_embeddings=64,
-                                    eos_token_id=2)
+TINY = tiny_config(eos_token_id=2)
 PROMPTS = [[5, 17, 33, 8, 91, 44, 12, 60], [70, 3, 29, 51]]
 
 

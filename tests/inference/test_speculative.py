@@ -12,16 +12,15 @@ import torch
 from moge.checkpoint import load_pretrained, save_pretrained
 from moge.cli import main
 from moge.commands.train import add_train_arguments, train_config_from_args
-from moge.config import PRESETS, ModelConfig
+from moge.config import ModelConfig
 from moge.inference.generate import Sampling, generate, sampling_probs
 from moge.nn.model import KVCache, PanguProMoEForCausalLM
 from moge.inference.speculative import speculative_generate
+from moge.train.step import micro_batch_loss
 from moge.train.trainer import TrainConfig, Trainer, build_model
+from models import smallest_config, tiny_config
 
-TINY = PRESETS["moge-tiny"].replace(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                    num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,
-                                    shared_expert_intermediate_size=24, max_position_embeddings=64,
-                                    eos_token_id=2, rope_theta=10000.0, num_mtp_modules=1)
+TINY = tiny_config(eos_token_id=2, rope_theta=10000.0, num_mtp_modules=1)
 
 
 def make_model(cfg=TINY, std=0.2, seed=1):
@@ -129,7 +128,7 @@ def test_zero_mtp_weight_leaves_training_bit_identical(tmp_path):
 def test_mtp_loss_reaches_the_module_and_is_logged(tmp_path):
     trainer = _trainer(tmp_path, TINY, mtp_loss_weight=0.5)
     x_y = FakeData().train_batch(0, 0, 4)
-    loss, stats = trainer._micro_loss(x_y[:, :-1], x_y[:, 1:])
+    loss, stats = micro_batch_loss(trainer.model, trainer.model_cfg, trainer.cfg, x_y[:, :-1], x_y[:, 1:])
     loss.backward()
     grads = {n: p.grad for n, p in trainer.model.named_parameters() if n.startswith("model.mtp.")}
     assert grads and all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "experts" not in n)
@@ -244,10 +243,8 @@ def test_bad_input():
 
 # ---- sampling follows the target distribution ----------------------------------------------------
 
-SMALL = PRESETS["moge-tiny"].replace(vocab_size=8, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-                                     num_experts=4, top_k=2, num_groups=2, expert_intermediate_size=8,
-                                     shared_expert_intermediate_size=8, max_position_embeddings=32,
-                                     eos_token_id=None, bos_token_id=None, pad_token_id=0, num_mtp_modules=1)
+SMALL = smallest_config(vocab_size=8, max_position_embeddings=32, eos_token_id=None, bos_token_id=None, pad_token_id=0,
+                        num_mtp_modules=1)
 
 
 def _exact_marginals(model, prompt, new, sampling):

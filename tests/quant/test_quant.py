@@ -13,15 +13,16 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from moge.checkpoint import CheckpointError, load_pretrained, save_pretrained
-from moge.config import PRESETS
 from moge.nn.experts import SwiGLUExperts
 from moge.inference.generate import generate
-from moge.quant import (QuantExperts, QuantLinear, balanced_calibration_set, dequantize, int8_kernel,
-                        int8_mm, load_quantized, quantize_model, quantize_per_channel, quantize_per_token,
-                        save_quantized, set_int8_kernel, weight_memory)
+from moge.checkpoint.quantized import load_quantized, save_quantized
+from moge.quant import (QuantExperts, QuantLinear, balanced_calibration_set, dequantize, int8_kernel, int8_mm,
+                        quantize_model, quantize_per_channel, quantize_per_token, set_int8_kernel, weight_memory)
 from moge.quant.calibrate import select_balanced
 from moge.quant.smoothing import expert_aware_factors, smooth_attention, smooth_mlp, smoothquant_factors
-from test_model import TINY, make_model
+from models import make_model, tiny_config
+
+TINY = tiny_config()
 
 
 @pytest.fixture(params=["int32", "int_mm"])
@@ -395,10 +396,8 @@ def test_balanced_selection_reaches_rare_experts():
 def corpus_and_checkpoint(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     (root / "data").symlink_to(corpus / "data")  # the generated corpus of tests/conftest.py
-    cfg = PRESETS["moge-tiny"].replace(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                                       num_experts=8, top_k=4, num_groups=4, expert_intermediate_size=16,
-                                       shared_expert_intermediate_size=16, max_position_embeddings=64,
-                                       eos_token_id=2, pad_token_id=0, bos_token_id=2)
+    cfg = tiny_config(vocab_size=300, num_heads=2, num_kv_heads=1, shared_expert_intermediate_size=16, eos_token_id=2,
+                      pad_token_id=0, bos_token_id=2)
     model = make_model(cfg)
     save_pretrained(model, root / "ckpt")
     return root

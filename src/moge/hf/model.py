@@ -5,7 +5,7 @@ moge/__init__.py arranges for it to run when transformers loads its Auto classes
 released-layout checkpoint directory loads with `AutoModelForCausalLM.from_pretrained(dir)`.
 
 Our modules do the computing: `PanguProMoEForCausalLM` here is a thin `PreTrainedModel` +
-`GenerationMixin` shell around `moge.model.PanguProMoEForCausalLM`. It registers that model's
+`GenerationMixin` shell around `moge.nn.model.PanguProMoEForCausalLM`. It registers that model's
 `model` and `lm_head` as its own children, so parameter names are ours (stacked experts), and it
 loads and saves through moge.checkpoint, which maps them to the release's per-expert files.
 `generate()` caches keys/values in transformers' own cache object through `_CacheView`.
@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moge import checkpoint
+from moge.errors import ConfigError, MissingFileError
 from moge.hf.config import PanguProMoEConfig, register_config
 from moge.nn.model import PanguProMoEForCausalLM as MoGECausalLM
 
@@ -62,7 +63,7 @@ class _CacheView:
 
 
 class PanguProMoEForCausalLM(PreTrainedModel, GenerationMixin):
-    """transformers face of `moge.model.PanguProMoEForCausalLM` (same weights, same numbers).
+    """transformers face of `moge.nn.model.PanguProMoEForCausalLM` (same weights, same numbers).
 
     `forward` returns `CausalLMOutputWithPast` with fp32 logits; `from_pretrained` /
     `save_pretrained` read and write the released checkpoint layout via moge.checkpoint."""
@@ -78,7 +79,7 @@ class PanguProMoEForCausalLM(PreTrainedModel, GenerationMixin):
         if core is None:
             core = MoGECausalLM(moge_cfg)
         elif core.config != moge_cfg:
-            raise ValueError(f"the model's config {core.config} does not match the given PanguProMoEConfig "
+            raise ConfigError(f"the model's config {core.config} does not match the given PanguProMoEConfig "
                              f"({moge_cfg})")
         # Kept outside the module tree (no "core." prefix on every parameter name): its children
         # are registered below, so .to(), state_dict() and parameters() all see the same tensors.
@@ -105,13 +106,13 @@ class PanguProMoEForCausalLM(PreTrainedModel, GenerationMixin):
         0 = padding) or [batch, new]; `cache` (alias `past_key_values`) a transformers Cache, created
         here when `use_cache` and none is given; `logits_to_keep` > 0 keeps the last positions only."""
         if inputs_embeds is not None:
-            raise ValueError("inputs_embeds is not supported: pass input_ids (the model embeds them itself)")
+            raise ConfigError("inputs_embeds is not supported: pass input_ids (the model embeds them itself)")
         if input_ids is None:
-            raise ValueError("input_ids is required")
+            raise ConfigError("input_ids is required")
         if cache is None:
             cache = past_key_values
         if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"attention_mask must be 2-D [batch, seq] (1 = token, 0 = padding), got shape "
+            raise ConfigError(f"attention_mask must be 2-D [batch, seq] (1 = token, 0 = padding), got shape "
                              f"{tuple(attention_mask.shape)}")
         use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
         if cache is None and use_cache:
@@ -125,14 +126,14 @@ class PanguProMoEForCausalLM(PreTrainedModel, GenerationMixin):
         logits = out.logits
         if isinstance(keep, Tensor):
             if keep.dim() != 1:
-                raise ValueError(f"logits_to_keep must be an int or a 1-D tensor of positions, got shape "
+                raise ConfigError(f"logits_to_keep must be an int or a 1-D tensor of positions, got shape "
                                  f"{tuple(keep.shape)}")
             logits = logits[:, keep.to(logits.device)]
 
         loss = None
         if labels is not None:
             if logits.shape[1] != labels.shape[1]:
-                raise ValueError("labels need the logits of every position: call with logits_to_keep=0")
+                raise ConfigError("labels need the logits of every position: call with logits_to_keep=0")
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
@@ -153,7 +154,7 @@ class PanguProMoEForCausalLM(PreTrainedModel, GenerationMixin):
                             f"directory ignores")
         directory = Path(pretrained_model_name_or_path)
         if not directory.is_dir():
-            raise FileNotFoundError(f"{str(directory)!r} is not a local checkpoint directory (config.json + "
+            raise MissingFileError(f"{str(directory)!r} is not a local checkpoint directory (config.json + "
                                     f"safetensors in the released layout); download it first")
         if dtype is None:
             dtype = torch_dtype
@@ -194,7 +195,7 @@ def _single_device(device_map: Any) -> torch.device:
         return torch.device("cuda", device_map)
     if isinstance(device_map, (str, torch.device)) and str(device_map) not in ("auto", "balanced", "sequential"):
         return torch.device(device_map)
-    raise ValueError(f"device_map={device_map!r} is not supported: the model loads onto one device; pass it "
+    raise ConfigError(f"device_map={device_map!r} is not supported: the model loads onto one device; pass it "
                      f"as a string, torch.device, index or {{'': device}}")
 
 

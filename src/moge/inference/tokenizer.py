@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple, Union
 
+from moge.errors import ConfigError, MissingFileError
+
 TURN_START = "[unused9]"
 TURN_END = "[unused10]"
 THINK_START = "[unused16]"  # wraps reasoning text in assistant turns
@@ -54,7 +56,7 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is out of range: valid ids are 0..{self.vocab_size - 1} "
+            raise ConfigError(f"token id {bad[0]} is out of range: valid ids are 0..{self.vocab_size - 1} "
                              f"(vocab_size={self.vocab_size}) for tokenizer {self.path}")
         return self._decode(ids)
 
@@ -75,7 +77,7 @@ class Tokenizer:
 
     def _required(self, name: str, value: int | None, extra: str = "") -> int:
         if value is None:
-            raise ValueError(f"tokenizer {self.path} has no {name.removesuffix('_id').upper()} token"
+            raise ConfigError(f"tokenizer {self.path} has no {name.removesuffix('_id').upper()} token"
                              f"{' ' + extra if extra else ''}")
         return value
 
@@ -100,11 +102,11 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             data = self.path.read_bytes()
         except OSError as e:
-            raise FileNotFoundError(f"cannot read tokenizer file {self.path}: {e.strerror}") from None
+            raise MissingFileError(f"cannot read tokenizer file {self.path}: {e.strerror}") from None
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_proto=data)
         except RuntimeError:
-            raise ValueError(f"{self.path} is not a valid SentencePiece model (the file may be truncated "
+            raise ConfigError(f"{self.path} is not a valid SentencePiece model (the file may be truncated "
                              f"or another format; a Hugging Face tokenizer must be named {HF_JSON_NAME})") from None
         self.vocab_size = self._sp.get_piece_size()
         self.bos_id = _none_if_negative(self._sp.bos_id())
@@ -175,11 +177,11 @@ class HFTokenizer(Tokenizer):
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"tokenizer file {self.path} does not exist")
+            raise MissingFileError(f"tokenizer file {self.path} does not exist")
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(self.path))
         except Exception as e:  # the library raises a bare Exception for malformed files
-            raise ValueError(f"{self.path} is not a valid Hugging Face tokenizer.json: {e}") from None
+            raise ConfigError(f"{self.path} is not a valid Hugging Face tokenizer.json: {e}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         names = _special_token_names(self.path.parent / HF_CONFIG_NAME)
         self.bos_id = self._lookup(names.get("bos_token"), "<s>")
@@ -190,7 +192,7 @@ class HFTokenizer(Tokenizer):
         if configured is not None:
             found = self._tok.token_to_id(configured)
             if found is None:
-                raise ValueError(f"{self.path.parent / HF_CONFIG_NAME} names special token {configured!r}, "
+                raise ConfigError(f"{self.path.parent / HF_CONFIG_NAME} names special token {configured!r}, "
                                  f"which is not in the vocabulary of {self.path}")
             return found
         return self._tok.token_to_id(default)
@@ -221,15 +223,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             return SentencePieceTokenizer(path / SENTENCEPIECE_NAME)
         if (path / HF_JSON_NAME).is_file():
             return HFTokenizer(path / HF_JSON_NAME)
-        raise FileNotFoundError(f"no tokenizer in {path}: expected {SENTENCEPIECE_NAME} (SentencePiece) or "
+        raise MissingFileError(f"no tokenizer in {path}: expected {SENTENCEPIECE_NAME} (SentencePiece) or "
                                 f"{HF_JSON_NAME} (Hugging Face tokenizers)")
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer path {path} does not exist")
+        raise MissingFileError(f"tokenizer path {path} does not exist")
     if path.suffix == ".model":
         return SentencePieceTokenizer(path)
     if path.suffix == ".json":
         return HFTokenizer(path)
-    raise ValueError(f"tokenizer file {path} has suffix {path.suffix!r}: valid are '.model' (SentencePiece) "
+    raise ConfigError(f"tokenizer file {path} has suffix {path.suffix!r}: valid are '.model' (SentencePiece) "
                      f"and '.json' (Hugging Face tokenizer.json)")
 
 
@@ -262,7 +264,7 @@ def chat_prompt(messages: Sequence[Message] | tuple[str, str], tokenizer: Tokeni
     turns = [_as_turn(i, m) for i, m in enumerate(messages)]
     late = [i for i, (role, _) in enumerate(turns) if role == "system" and i > 0]
     if late:
-        raise ValueError(f"messages[{late[0]}] has role 'system': a system message may only come first")
+        raise ConfigError(f"messages[{late[0]}] has role 'system': a system message may only come first")
     if not turns or turns[0][0] != "system":
         turns.insert(0, ("system", ""))
     parts = [f"{TURN_START}{ROLE_LABELS[role]}：{text}{TURN_END}" for role, text in turns]
@@ -278,15 +280,15 @@ def _as_turn(i: int, message: Message) -> tuple[str, str]:
     elif isinstance(message, (tuple, list)) and len(message) == 2:
         role, text = message
     else:
-        raise ValueError(f"messages[{i}]={message!r} is invalid: expected a (role, text) pair or a "
+        raise ConfigError(f"messages[{i}]={message!r} is invalid: expected a (role, text) pair or a "
                          f"{{'role': ..., 'content': ...}} dict")
     if role not in ROLE_LABELS:
-        raise ValueError(f"messages[{i}] has role={role!r}: valid roles are {', '.join(ROLE_LABELS)}")
+        raise ConfigError(f"messages[{i}] has role={role!r}: valid roles are {', '.join(ROLE_LABELS)}")
     if not isinstance(text, str):
-        raise ValueError(f"messages[{i}] content must be a str, got {type(text).__name__}")
+        raise ConfigError(f"messages[{i}] content must be a str, got {type(text).__name__}")
     for marker in (TURN_START, TURN_END):
         if marker in text:
-            raise ValueError(f"messages[{i}] ({role}) contains the turn marker {marker}, which would "
+            raise ConfigError(f"messages[{i}] ({role}) contains the turn marker {marker}, which would "
                              f"start or end a turn; remove it from the text")
     return role, text
 
@@ -298,7 +300,7 @@ def _special_token_names(config_path: Path) -> dict[str, str]:
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        raise ConfigError(f"{config_path} is not valid JSON: {e}") from None
     out = {}
     for key in ("bos_token", "eos_token", "pad_token"):
         value = data.get(key) if isinstance(data, dict) else None

@@ -1,8 +1,8 @@
-"""W8A8 routed experts in the stacked layout of `moge.experts.SwiGLUExperts`.
+"""W8A8 routed experts in the stacked layout of `moge.nn.experts.SwiGLUExperts`.
 
 Buffers: `gate_up_proj` int8 [E, 2F, D] with `gate_up_scale` fp32 [E, 2F], and `down_proj` int8
 [E, D, F] with `down_scale` fp32 [E, D]: the same stacked matrices, each row with its own scale.
-A batch is permuted by expert as in the float kernels (`moge.experts.permute`) and a Python loop
+A batch is permuted by expert as in the float kernels (`moge.nn.experts.permute`) and a Python loop
 runs each expert that received tokens: its rows of the per-token quantized input (quantized once
 for all experts), an integer gate/up product, SwiGLU in fp32, per-token quantization of the
 activation, an integer down product, then the routing weight and a deterministic index_add. One

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moge.errors import ConfigError
+
 MIN_VALUE = 1e-5
 S_RANGE = (1e-4, 1e4)
 
@@ -38,9 +40,9 @@ def column_max(w: Tensor) -> Tensor:
 
 def _check(act_max_D: Tensor, alpha: float, width: int) -> None:
     if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha={alpha!r} is invalid: the migration strength must be in [0, 1]")
+        raise ConfigError(f"alpha={alpha!r} is invalid: the migration strength must be in [0, 1]")
     if act_max_D.dim() != 1 or act_max_D.shape[0] != width:
-        raise ValueError(f"act_max has shape {tuple(act_max_D.shape)}, expected [{width}] (one max per input "
+        raise ConfigError(f"act_max has shape {tuple(act_max_D.shape)}, expected [{width}] (one max per input "
                          f"channel of the weights)")
 
 
@@ -56,7 +58,7 @@ def expert_aware_factors(act_max_D: Tensor, router_ND: Tensor, gate_up_E2FD: Ten
     """The paper's expert-aware smoothing factor (see the module docstring), [D]."""
     _check(act_max_D, alpha, router_ND.shape[-1])
     if gate_up_E2FD.dim() != 3 or gate_up_E2FD.shape[-1] != router_ND.shape[-1]:
-        raise ValueError(f"gate_up has shape {tuple(gate_up_E2FD.shape)}, expected [experts, 2F, "
+        raise ConfigError(f"gate_up has shape {tuple(gate_up_E2FD.shape)}, expected [experts, 2F, "
                          f"{router_ND.shape[-1]}]")
     a = act_max_D.float().clamp_min(MIN_VALUE).pow(alpha)
     s_gate = a / column_max(router_ND).clamp_min(MIN_VALUE).pow(1 - alpha)
