@@ -213,7 +213,7 @@ def is_plain_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
 
 
-def listing(items: list[str], limit: int = 10) -> str:
-    """The first `limit` items, comma-separated, and how many more: keeps error messages readable."""
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+def listing(items: list[str], limit: int = 10, sep: str = ", ") -> str:
+    """The first `limit` items, separated by `sep`, and how many more: keeps error messages readable."""
+    shown = sep.join(items[:limit])
+    return shown + (f"{sep}... and {len(items) - limit} more" if len(items) > limit else "")

@@ -140,8 +140,7 @@ class LoadPlan:
                 elif dtype is None or not dtype.is_floating_point:
                     bad_shapes.append(f"{key}: expected a floating-point dtype, found {dtype}")
         if bad_shapes:
-            problems.append(f"shape/dtype mismatches ({len(bad_shapes)}): " + "; ".join(bad_shapes[:10])
-                            + (f"; ... and {len(bad_shapes) - 10} more" if len(bad_shapes) > 10 else ""))
+            problems.append(f"shape/dtype mismatches ({len(bad_shapes)}): {listing(bad_shapes, sep='; ')}")
         if problems:
             raise CheckpointError(f"checkpoint {where} does not match the model:\n  " + "\n  ".join(problems))
         return cls(state, {k: s for k, s in expected.items() if k in found}, found, tied)

@@ -44,8 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same sample)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="dtype the weights are loaded in")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype the weights are loaded in (default: the checkpoint's, config.json torch_dtype)")
+    g.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N; auto = the GPU (under torchrun: the local rank's) when CUDA is "
+                        "present, else cpu")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
     g.add_argument("--speculative", action="store_true",
@@ -59,6 +62,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--expert-tp", type=int, default=1, help="--parallel h2p: routed-expert tensor-parallel size")
     g.add_argument("--dist-timeout", type=float, default=300.0,
                    help="under torchrun: seconds a collective waits for the other ranks before failing")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print each rank's memory (weights, KV cache, activations) under --parallel for --world "
+                        "ranks without loading anything or starting processes (--model may be a preset)")
+    g.add_argument("--world", type=int, default=1, help="--dry-run: number of ranks")
+    g.add_argument("--batch", type=int, default=1, help="--dry-run: sequences served at once, over all ranks")
+    g.add_argument("--context", type=int, default=2048, help="--dry-run: KV-cache tokens per sequence")
     g.add_argument("--json", action="store_true", help="print machine-readable JSON")
     g.set_defaults(func=run_generate)
 
@@ -85,13 +94,17 @@ def run_params(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     """One process, or one rank of a torchrun job (see the subcommand's description)."""
-    from moge.parallel.launch import init_distributed, launched_by_torchrun, peer_failures_as_errors, shutdown
+    from moge.parallel.launch import (init_distributed, launched_by_torchrun, peer_failures_as_errors,
+                                      resolve_device, shutdown)
 
+    if args.dry_run:
+        return _dry_run(args)
     if not launched_by_torchrun():
         return _generate(args, None)
-    if args.speculative:
-        raise ConfigError("--speculative runs in a single process; drop it under torchrun")
-    init_distributed(args.dist_timeout)
+    if args.speculative and args.parallel == "h2p":
+        raise ConfigError("--speculative with --parallel h2p is not supported: the MTP module is not split by the "
+                          "H2P layout; use --parallel ep (or one process)")
+    init_distributed(args.dist_timeout, device=resolve_device(args.device))
     try:
         with peer_failures_as_errors(args.dist_timeout):
             return _generate(args, args.parallel)
@@ -102,18 +115,86 @@ def run_generate(args: argparse.Namespace) -> int:
         shutdown()
 
 
-def _split(model, parallel: str, args: argparse.Namespace):
-    """This rank's share of the model for the requested layout (the same model, parallelized)."""
+def _dry_run(args: argparse.Namespace) -> int:
+    """Per-rank memory from the sharding code itself, on the meta device (moge.parallel.dryrun)."""
+    from pathlib import Path
+
+    from moge.checkpoint.build import checkpoint_dtype, resolve_dtype
+    from moge.config import load_model_config
+    from moge.errors import bad_value
+    from moge.parallel.dryrun import dry_run
+
+    for name in ("world", "batch", "context"):
+        if getattr(args, name) < 1:
+            raise bad_value(name, getattr(args, name), "must be a positive integer")
+    cfg = load_model_config(args.model)
+    is_dir = Path(args.model).is_dir()
+    dtype = resolve_dtype(args.dtype) if args.dtype else (checkpoint_dtype(args.model) if is_dir else None)
+    dtype = dtype or torch.bfloat16  # the release's dtype
+    plan = _plan(args.parallel, args, args.world)
+    ranks = dry_run(cfg, plan, args.world, dtype=dtype, batch=args.batch, context=args.context)
+    out = {"model": str(args.model), "plan": repr(plan), "world": args.world,
+           "dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "context": args.context,
+           "ranks": [r.as_dict() for r in ranks],
+           "activations": "one decoder layer's largest live tensors in a prefill of the whole context, plus the "
+                          "last position's fp32 logits (an estimate; weights and KV cache are exact)"}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{args.model} under {plan!r} on {args.world} ranks, {out['dtype']}, batch {args.batch}, "
+          f"context {args.context}:")
+    for r in ranks:
+        print(f"  rank {r.rank}: weights {r.weights_bytes / 1e9:.3f} GB, KV cache {r.kv_cache_bytes / 1e9:.3f} GB "
+              f"({r.sequences} sequences), activations ~{r.activation_bytes / 1e9:.3f} GB, "
+              f"total {r.total_bytes / 1e9:.3f} GB")
+    return 0
+
+
+def _plan(parallel: str, args: argparse.Namespace, world: int):
+    from moge.parallel import H2P, ExpertParallel
+
+    return H2P(args.attn_tp, args.expert_tp) if parallel == "h2p" else ExpertParallel(world)
+
+
+def _load(args: argparse.Namespace, parallel: str | None):
+    """The model, or under torchrun this rank's share of it. A float safetensors checkpoint is read
+    rank by rank (each reads only what it hosts); a quantized or pickle one cannot be read in slices,
+    so it is loaded whole and then split."""
+    from moge.checkpoint import is_quantized_checkpoint, load_pretrained
+
+    placement = _placement(args)
+    if parallel is None:
+        return load_pretrained(args.model, **placement).eval()
     import torch.distributed as dist
 
-    from moge.parallel import H2P, ExpertParallel, parallelize
+    from moge.parallel import load_parallel, parallelize
 
-    plan = H2P(args.attn_tp, args.expert_tp) if parallel == "h2p" else ExpertParallel(dist.get_world_size())
-    return parallelize(model, plan).eval()
+    plan = _plan(parallel, args, dist.get_world_size())
+    if is_quantized_checkpoint(args.model):
+        return parallelize(load_pretrained(args.model, **placement), plan).eval()
+    return load_parallel(args.model, plan, **placement).eval()
+
+
+def _placement(args: argparse.Namespace) -> dict:
+    """Device and dtype to load in: --device (checked to exist), --dtype or the checkpoint's own
+    (config.json torch_dtype), refused where the device cannot run it, with a warning on stderr where
+    it runs slowly there."""
+    import torch.distributed as dist
+
+    from moge.checkpoint.build import checkpoint_dtype, resolve_dtype
+    from moge.parallel.launch import check_dtype_on_device, resolve_device, slow_dtype_note
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype) if args.dtype else checkpoint_dtype(args.model)
+    if dtype is not None:
+        check_dtype_on_device(dtype, device)
+        note = slow_dtype_note(dtype, device)
+        if note and not (dist.is_initialized() and dist.get_rank() != 0):  # one warning per job
+            print(f"moge generate: warning: {note}", file=sys.stderr)
+    return {"dtype": dtype, "device": device}
 
 
 def _generate(args: argparse.Namespace, parallel: str | None) -> int:
-    from moge.checkpoint import load_pretrained
     from moge.inference.generate import Sampling, generate
     from moge.inference.tokenizer import chat_prompt, load_tokenizer
 
@@ -121,7 +202,7 @@ def _generate(args: argparse.Namespace, parallel: str | None) -> int:
         torch.set_num_threads(args.threads)
     if not args.prompt and not args.token_ids:
         raise ConfigError("give at least one --prompt TEXT or --token-ids 1,2,3")
-    model = load_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+    model = _load(args, parallel)
     tok = None
     prompts: list[list[int]] = []
     stop = [model.config.eos_token_id]
@@ -138,15 +219,14 @@ def _generate(args: argparse.Namespace, parallel: str | None) -> int:
         except ValueError:
             raise ConfigError(f"--token-ids={ids!r} is invalid: expected comma-separated integers") from None
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    quiet, all_done = False, None
+    quiet, all_done, agree_min = False, None, None
     if parallel is not None:
         import torch.distributed as dist
 
-        from moge.parallel.lockstep import all_ranks_done
+        from moge.parallel.lockstep import all_ranks_done, min_over_ranks
 
-        model = _split(model, parallel, args)
         quiet = dist.get_rank() != 0  # every rank decodes the same prompts; rank 0 reports
-        all_done = all_ranks_done
+        all_done, agree_min = all_ranks_done, min_over_ranks
     on_token = None
     if args.stream and not args.json and tok is not None and len(prompts) == 1 and not quiet:
         def on_token(row: int, token: int) -> None:
@@ -156,7 +236,8 @@ def _generate(args: argparse.Namespace, parallel: str | None) -> int:
         from moge.inference.speculative import speculative_generate
 
         res = speculative_generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                   stop_ids=stop, on_token=on_token, num_draft=args.num_draft)
+                                   stop_ids=stop, on_token=on_token, num_draft=args.num_draft, all_done=all_done,
+                                   agree_min=agree_min)
     else:
         res = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop,
                        on_token=on_token, all_done=all_done)

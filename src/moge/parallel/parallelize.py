@@ -27,6 +27,13 @@ groups (pad the batch). The MTP modules are not split (speculative decoding runs
 The tensor-parallel pieces are explicit slices with functional collectives: the residual stream's
 layout (rows shared out over ranks, padding included, reduce-scattered) is the paper's, and plain
 slices keep the numbers identical to the single-process model's.
+
+Every slice is taken through a `_Slicer`, which records for each local tensor the part of the
+single-process tensor it holds (`moge.checkpoint.partial.GlobalSlice`); the records end up in
+`model.global_slices` (local state-dict name -> record). The same records let `load_parallel`
+read a rank's share straight from a checkpoint onto a model built on the meta device, and let a dry
+run size every rank's share without any process group: the plans work on meta tensors, and with
+explicit meshes whose groups are None (`offline_mesh`) they need no torch.distributed at all.
 """
 
 from __future__ import annotations
@@ -34,17 +41,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from moge.checkpoint.partial import GlobalSlice
 from moge.config import ModelConfig
 from moge.degrees import check_expert_parallel, check_hybrid
-from moge.errors import ConfigError
+from moge.errors import ConfigError, DistributedError
 from moge.nn.experts import SwiGLUExperts
 from moge.nn.model import Attention, PanguProMoEForCausalLM, RMSNorm
 from moge.nn.moe import Linear, LocalDispatcher, MoGEBlock
 from moge.parallel.comm import all_gather, reduce_scatter
 from moge.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
 from moge.parallel.mesh import ExpertParallelMesh, H2PMesh
+from moge.parallel.quantized import ReduceScatterQuantLinear, is_quantized_module, quant_experts_slice, quant_rows
 
 
 @dataclass(frozen=True)
@@ -68,13 +78,70 @@ class H2P:
 
 def parallelize(model: nn.Module, plan: ExpertParallel | H2P,
                 mesh: ExpertParallelMesh | H2PMesh | None = None) -> nn.Module:
-    """Apply `plan` to `model` (a whole, identical copy on every rank) in place and return it.
+    """Apply `plan` to `model` (a whole, identical copy on every rank, or a meta-device one) in
+    place and return it, with `model.global_slices` recording what each local tensor holds.
     Without `mesh` its process groups are created (collective: every rank calls this alike)."""
     if isinstance(plan, ExpertParallel):
         return _expert_parallel(model, plan, mesh)
     if isinstance(plan, H2P):
         return _h2p(model, plan, mesh)
     raise ConfigError(f"plan={plan!r} is invalid: use moge.parallel.ExpertParallel(ep) or H2P(attn_tp, expert_tp)")
+
+
+def offline_mesh(plan: ExpertParallel | H2P, world: int, rank: int) -> ExpertParallelMesh | H2PMesh:
+    """A mesh for rank `rank` of `world` with no process groups: `parallelize` with it gives that
+    rank's share (shapes and records) without torch.distributed, e.g. on the meta device for a dry
+    run. Such a model cannot run a forward."""
+    if not 0 <= rank < world:
+        raise ConfigError(f"rank={rank} is invalid: must be in [0, {world})")
+    if isinstance(plan, ExpertParallel):
+        if world % plan.ep:
+            raise ConfigError(f"expert_parallel={plan.ep} is invalid: must divide the world size {world}")
+        return ExpertParallelMesh(world, rank, plan.ep, None, None)
+    if isinstance(plan, H2P):
+        if world % plan.attn_tp:
+            raise ConfigError(f"attn_tp={plan.attn_tp} is invalid: must divide the world size {world}")
+        return H2PMesh(world, rank, plan.attn_tp, None, None)
+    raise ConfigError(f"plan={plan!r} is invalid: use moge.parallel.ExpertParallel(ep) or H2P(attn_tp, expert_tp)")
+
+
+def _online() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class OfflineDispatcher:
+    """The expert-parallel dispatcher of a model sharded without process groups (`offline_mesh`):
+    it has one rank's shapes, but no peers to exchange tokens with. (H2P's all-gather dispatcher
+    needs no group to be built.)"""
+
+    def _fail(self, *_args, **_kwargs):
+        raise DistributedError("this model was sharded with an offline mesh (no process group): it describes one "
+                               "rank's share but cannot run; parallelize under torchrun to run it")
+
+    gather = scatter = __call__ = _fail
+
+
+class _Slicer:
+    """Takes every slice a plan makes and records, for the new parameter, which part of which
+    single-process tensor it holds: loading reads exactly what the slicing took."""
+
+    def __init__(self, model: nn.Module):
+        self.names: dict[int, str] = {}
+        for name, t in model.state_dict(keep_vars=True).items():
+            self.names.setdefault(id(t), name)
+        self.made: dict[int, GlobalSlice] = {}
+
+    def take(self, like: nn.Parameter, pieces: list[tuple[slice, ...]], dim: int = 0) -> nn.Parameter:
+        record = GlobalSlice(self.names[id(like)], tuple(pieces), dim)
+        new = _param(record.take(like), like)
+        self.made[id(new)] = record
+        return new
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        """Record every local tensor of `model` (the ones not sliced: whole) as `model.global_slices`."""
+        model.global_slices = {name: self.made.get(id(t), GlobalSlice(self.names.get(id(t), name)))
+                               for name, t in model.state_dict(keep_vars=True).items()}
+        return model
 
 
 def _blocks(model: nn.Module) -> list[MoGEBlock]:
@@ -89,20 +156,26 @@ def _param(t: Tensor, like: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(t.detach().clone().contiguous(), requires_grad=like.requires_grad)
 
 
-def _experts_slice(experts: SwiGLUExperts, first: int, count: int, tp: int = 1, tp_rank: int = 0) -> SwiGLUExperts:
+def _experts_slice(slicer: _Slicer, experts: SwiGLUExperts, first: int, count: int, tp: int = 1,
+                   tp_rank: int = 0) -> SwiGLUExperts:
     """Experts [first, first + count), each keeping its `tp_rank`-th 1/tp of the intermediate dim
     (gate rows and up rows alike, down columns)."""
+    if is_quantized_module(experts):
+        return quant_experts_slice(slicer, experts, first, count, tp, tp_rank)
     if not isinstance(experts, SwiGLUExperts):
         raise ConfigError(f"experts of type {type(experts).__name__} cannot be sharded: parallelize the float "
                           "model (SwiGLUExperts) first")
     f = experts.intermediate_size // tp
     with torch.device("meta"):
         new = SwiGLUExperts(count, experts.hidden_size, f, experts.backend)
-    gate_up = experts.gate_up_proj[first:first + count]
-    gate, up = gate_up[:, :experts.intermediate_size], gate_up[:, experts.intermediate_size:]
-    cols = slice(tp_rank * f, (tp_rank + 1) * f)
-    new.gate_up_proj = _param(torch.cat([gate[:, cols], up[:, cols]], dim=1), experts.gate_up_proj)
-    new.down_proj = _param(experts.down_proj[first:first + count, :, cols], experts.down_proj)
+    mine, full = slice(first, first + count), experts.intermediate_size
+    if tp == 1:  # whole experts: one range along dim 0
+        new.gate_up_proj = slicer.take(experts.gate_up_proj, [(mine,)])
+        new.down_proj = slicer.take(experts.down_proj, [(mine,)])
+        return new
+    gate_rows, up_rows = slice(tp_rank * f, (tp_rank + 1) * f), slice(full + tp_rank * f, full + (tp_rank + 1) * f)
+    new.gate_up_proj = slicer.take(experts.gate_up_proj, [(mine, gate_rows), (mine, up_rows)], dim=1)
+    new.down_proj = slicer.take(experts.down_proj, [(mine, slice(None), gate_rows)])
     return new
 
 
@@ -114,13 +187,16 @@ def _expert_parallel(model: nn.Module, plan: ExpertParallel, mesh: ExpertParalle
         mesh = ExpertParallelMesh.build(plan.ep)
     elif mesh.ep != plan.ep:
         raise ConfigError(f"expert_parallel={plan.ep} is invalid for a mesh built with ep={mesh.ep}")
+    slicer = _Slicer(model)
+    online = _online()
     for block in blocks:
         cfg = block.cfg
         local = mesh.expert_range(cfg.num_experts)
-        block.experts = _experts_slice(block.experts, local.start, len(local))
+        block.experts = _experts_slice(slicer, block.experts, local.start, len(local))
         known = cfg.top_k_per_group * (cfg.num_groups // mesh.ep) if cfg.router == "grouped" else None
-        block.dispatcher = AllToAllDispatcher(cfg.num_experts, mesh.ep_group, known, plan.same_tokens_per_rank)
-    return model
+        block.dispatcher = AllToAllDispatcher(cfg.num_experts, mesh.ep_group, known, plan.same_tokens_per_rank) \
+            if online else OfflineDispatcher()
+    return slicer.finish(model)
 
 
 class _TokenShard:
@@ -174,14 +250,14 @@ class ReduceScatterLinear(Linear):
     """Row-parallel o_proj: this rank's head columns, its partial output reduce-scattered over the
     attention TP group into the residual shard (half the traffic of an all-reduce)."""
 
-    def __init__(self, o_proj: nn.Linear, layout: _TokenShard):
+    def __init__(self, o_proj: nn.Linear, layout: _TokenShard, slicer: _Slicer):
         tp, t = layout.tp, layout.tp_rank
         cols = o_proj.in_features // tp
         with torch.device("meta"):
             super().__init__(cols, o_proj.out_features, bias=o_proj.bias is not None)
-        self.weight = _param(o_proj.weight[:, t * cols:(t + 1) * cols], o_proj.weight)
-        if o_proj.bias is not None:  # added once per group
-            self.bias = _param(o_proj.bias if t == 0 else torch.zeros_like(o_proj.bias), o_proj.bias)
+        self.weight = slicer.take(o_proj.weight, [(slice(None), slice(t * cols, (t + 1) * cols))])
+        if o_proj.bias is not None:  # added once per group: the other ranks hold zeros
+            self.bias = slicer.take(o_proj.bias, [()] if t == 0 else [])
         self.layout = layout
 
     def forward(self, x: Tensor) -> Tensor:
@@ -192,28 +268,31 @@ class ReduceScatterLinear(Linear):
         return reduce_scatter(y_TD, self.layout.group) if self.layout.tp > 1 else y_TD
 
 
-def _rows(linear: nn.Linear, part: int, parts: int, dim: int = 0) -> Linear:
+def _rows(slicer: _Slicer, linear: nn.Linear, part: int, parts: int, dim: int = 0) -> Linear:
     """A Linear holding the `part`-th 1/parts of `linear` along its output (dim 0) or input (dim 1)."""
+    if is_quantized_module(linear):
+        return quant_rows(slicer, linear, part, parts, dim)
     w = linear.weight
     size = w.shape[dim] // parts
-    weight = w.narrow(dim, part * size, size)
-    bias = linear.bias.narrow(0, part * size, size) if linear.bias is not None and dim == 0 else linear.bias
+    mine = slice(part * size, (part + 1) * size)
     with torch.device("meta"):
-        new = Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    new.weight = _param(weight, w)
-    if bias is not None:
-        new.bias = _param(bias, linear.bias)
+        new = Linear(w.shape[1] if dim == 0 else size, size if dim == 0 else w.shape[0], bias=linear.bias is not None)
+    new.weight = slicer.take(w, [(slice(None),) * dim + (mine,)])
+    if linear.bias is not None:  # an input split keeps the whole bias
+        new.bias = slicer.take(linear.bias, [(mine,) if dim == 0 else ()])
     return new
 
 
-def _shard_attention(attn: Attention, cfg: ModelConfig, layout: _TokenShard) -> Attention:
+def _shard_attention(slicer: _Slicer, attn: Attention, cfg: ModelConfig, layout: _TokenShard) -> Attention:
     tp, t = layout.tp, layout.tp_rank
     local_cfg = cfg.replace(num_heads=cfg.num_heads // tp, num_kv_heads=cfg.num_kv_heads // tp, head_dim=cfg.head_size)
-    new = Attention(local_cfg)
+    with torch.device("meta"):  # every parameter is replaced below
+        new = Attention(local_cfg)
     for name in ("q_proj", "k_proj", "v_proj"):  # column parallel: this rank's heads
-        setattr(new, name, _rows(getattr(attn, name), t, tp))
-    new.o_proj = ReduceScatterLinear(attn.o_proj, layout)
-    return new.to(attn.q_proj.weight.device)
+        setattr(new, name, _rows(slicer, getattr(attn, name), t, tp))
+    row_parallel = ReduceScatterQuantLinear if is_quantized_module(attn.o_proj) else ReduceScatterLinear
+    new.o_proj = row_parallel(attn.o_proj, layout, slicer)
+    return new
 
 
 def _h2p(model: nn.Module, plan: H2P, mesh: H2PMesh | None) -> nn.Module:
@@ -222,9 +301,7 @@ def _h2p(model: nn.Module, plan: H2P, mesh: H2PMesh | None) -> nn.Module:
     cfg = model.config
     blocks = _blocks(model)
     if mesh is None:
-        import torch.distributed as dist
-
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = dist.get_world_size() if _online() else 1
         check_hybrid(cfg, world, plan.attn_tp, plan.expert_tp)  # before any group exists
         mesh = H2PMesh.build(plan.attn_tp)
     ep = check_hybrid(cfg, mesh.world, plan.attn_tp, plan.expert_tp)
@@ -236,6 +313,7 @@ def _h2p(model: nn.Module, plan: H2P, mesh: H2PMesh | None) -> nn.Module:
                 raise ConfigError(f"shared expert width {shared.gate_proj.out_features} is invalid for H2P: the world "
                                   f"size {mesh.world} must divide it (the shared expert is split over all ranks)")
     layout = _TokenShard(plan.attn_tp, mesh.attn_rank, mesh.attn_group)
+    slicer = _Slicer(model)
     inner = model.model
     inner.embed_tokens = ShardTokens(inner.embed_tokens, layout)
     inner.norm = GatheredRMSNorm(inner.norm, layout)
@@ -243,12 +321,12 @@ def _h2p(model: nn.Module, plan: H2P, mesh: H2PMesh | None) -> nn.Module:
     per = cfg.num_experts // ep
     for layer in inner.layers:
         layer.input_layernorm = GatheredRMSNorm(layer.input_layernorm, layout)
-        layer.self_attn = _shard_attention(layer.self_attn, cfg, layout)
+        layer.self_attn = _shard_attention(slicer, layer.self_attn, cfg, layout)
         block = layer.mlp
-        block.experts = _experts_slice(block.experts, expert_rank * per, per, plan.expert_tp, expert_tp_rank)
+        block.experts = _experts_slice(slicer, block.experts, expert_rank * per, per, plan.expert_tp, expert_tp_rank)
         for shared in block._shared():  # tensor parallel over every rank: partial sums
-            shared.gate_proj = _rows(shared.gate_proj, r, mesh.world)
-            shared.up_proj = _rows(shared.up_proj, r, mesh.world)
-            shared.down_proj = _rows(shared.down_proj, r, mesh.world, dim=1)
+            shared.gate_proj = _rows(slicer, shared.gate_proj, r, mesh.world)
+            shared.up_proj = _rows(slicer, shared.up_proj, r, mesh.world)
+            shared.down_proj = _rows(slicer, shared.down_proj, r, mesh.world, dim=1)
         block.dispatcher = AllGatherDispatcher(mesh.world_group, expert_rank * per, per)
-    return model
+    return slicer.finish(model)
