@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from moge.checkpoint import load_pretrained
+from moge.train.checkpointing import TRAINER_STATE
 from moge.train.config import TrainConfig, TrainingError
 from moge.train.data import load_data
 from moge.train.trainer import Trainer
@@ -161,3 +162,40 @@ print(loaded)
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_optimizer_state_split_over_expert_parallel_ranks_reads_back_at_any_size(tmp_path):
+    """The per-rank optimizer parts written at EP=2 give back, at EP=4 or in one process, exactly
+    the rows one process would hold; a missing part file is an error naming it."""
+    from moge.train.checkpointing import expert_part_name, read_optimizer_state, split_optimizer_state
+
+    torch.manual_seed(0)
+    whole = {"state": {"mlp.experts.w": {"step": torch.tensor(3.0), "exp_avg": torch.randn(8, 3)},  # 8 experts
+                       "norm.weight": {"step": torch.tensor(3.0), "exp_avg": torch.randn(5)}},
+             "param_groups": [{"lr": 0.1, "params": ["mlp.experts.w", "norm.weight"]}]}
+    files = [expert_part_name(r, 2) for r in range(2)]
+    assert files == ["optimizer-experts-00001-of-00002.pt", "optimizer-experts-00002-of-00002.pt"]
+    for r in range(2):  # what EP rank r of 2 holds and writes
+        rows = range(4 * r, 4 * r + 4)
+        exp_avg = whole["state"]["mlp.experts.w"]["exp_avg"][rows.start:rows.stop]
+        mine = {"state": {"mlp.experts.w": {"step": torch.tensor(3.0), "exp_avg": exp_avg},
+                          "norm.weight": whole["state"]["norm.weight"]}, "param_groups": whole["param_groups"]}
+        rest, part = split_optimizer_state(mine, {"mlp.experts.w": (rows, 8)}, files)
+        assert "exp_avg" not in rest["state"]["mlp.experts.w"]  # the expert rows stay in this rank's file
+        torch.save(part, tmp_path / files[r])
+    torch.save({"optimizer_by_name": rest}, tmp_path / TRAINER_STATE)
+    saved = torch.load(tmp_path / TRAINER_STATE, weights_only=True)["optimizer_by_name"]
+
+    one = read_optimizer_state(tmp_path, saved)
+    assert "expert_parts" not in one and one["param_groups"] == whole["param_groups"]
+    for name, entry in whole["state"].items():
+        assert all(torch.equal(one["state"][name][k], v) for k, v in entry.items()), name
+    for r in range(4):  # EP rank r of 4 asks for its 2 experts only
+        quarter = read_optimizer_state(tmp_path, saved, lambda _name, n, r=r: range(r * n // 4, (r + 1) * n // 4))
+        assert torch.equal(quarter["state"]["mlp.experts.w"]["exp_avg"],
+                           whole["state"]["mlp.experts.w"]["exp_avg"][2 * r:2 * r + 2])
+    # a checkpoint saved from one process has no parts: returned unchanged
+    assert read_optimizer_state(tmp_path, whole) is whole
+    (tmp_path / files[1]).unlink()
+    with pytest.raises(TrainingError, match="optimizer-experts-00002-of-00002.pt is missing"):
+        read_optimizer_state(tmp_path, saved)

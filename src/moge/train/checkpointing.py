@@ -3,8 +3,17 @@ safetensors layout plus `trainer.pt`: step, optimizer, RNG and router state, loa
 weights_only) and a `latest` file naming the one to resume from.
 
 At every instant `latest` names a complete checkpoint: a new one is written in full under a
-temporary name and renamed into place, then `latest` is switched atomically, and only then are
-older ones removed. A step is saved once; the directory `latest` names is never rewritten.
+temporary name (`begin_checkpoint`) and renamed into place, then `latest` is switched atomically,
+and only then are older ones removed (`commit_checkpoint`). A step is saved once; the directory
+`latest` names is never rewritten. Under expert parallelism every rank writes its part into the
+same staging directory and rank 0 commits only after all of them have finished
+(moge.train.distributed).
+
+The optimizer state is keyed by parameter name so it loads at any expert-parallel size. Saved from
+one process, it is all in trainer.pt. Saved by expert-parallel ranks, the per-expert state tensors
+stay where they are: EP rank r writes `optimizer-experts-0000{r+1}-of-0000{ep}.pt` with its experts'
+rows, trainer.pt has the rest and lists the part files, and `read_optimizer_state` puts back the
+rows a loader needs (all of them, or one rank's at another EP size).
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -52,24 +61,33 @@ def check_unsaved(root: Path, step: int) -> None:
                             f"resume the run to continue it, or choose another --out")
 
 
-def write_checkpoint(root: Path, step: int, model: nn.Module, weights: dict[str, torch.Tensor], state: dict, *,
-                     tokenizer: str | Path | None = None, keep: int = 2) -> Path:
-    """Write step-NNNNNN, point `latest` at it, then keep only the `keep` newest checkpoints up to
-    this step (see the module docstring for the order)."""
-    from moge.checkpoint import save_pretrained
+def staging_dir(root: Path, step: int) -> Path:
+    """Where `step`'s checkpoint is written before it is committed."""
+    return root / f".tmp-{step_dir(root, step).name}"
 
+
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """An empty staging directory for `step`, after removing any a crash during an earlier save left."""
     check_unsaved(root, step)
-    final = step_dir(root, step)
-    for stale in root.glob(".tmp-step-*"):  # left by a crash during an earlier save
+    for stale in root.glob(".tmp-step-*"):
         shutil.rmtree(stale)
-    tmp = root / f".tmp-{final.name}"
-    save_pretrained(model, tmp, state_dict=weights)
+    tmp = staging_dir(root, step)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def copy_tokenizer(tokenizer: str | Path | None, directory: Path) -> None:
     if tokenizer is not None and Path(tokenizer).exists():  # so `moge generate --model CKPT` has it
-        shutil.copy2(tokenizer, tmp / Path(tokenizer).name)
-    torch.save(state, tmp / TRAINER_STATE)
+        shutil.copy2(tokenizer, directory / Path(tokenizer).name)
+
+
+def commit_checkpoint(root: Path, step: int, keep: int = 2) -> Path:
+    """Rename the complete staging directory to step-NNNNNN, point `latest` at it, then keep only
+    the `keep` newest checkpoints up to this step."""
+    final = step_dir(root, step)
     if final.exists():  # from a later step of an abandoned run that was resumed earlier; `latest` is elsewhere
         shutil.rmtree(final)
-    os.replace(tmp, final)
+    os.replace(staging_dir(root, step), final)
     atomic_write_text(root / LATEST, final.name + "\n")
     older = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name < final.name)
     for p in older[:max(0, len(older) - (keep - 1))]:
@@ -77,9 +95,23 @@ def write_checkpoint(root: Path, step: int, model: nn.Module, weights: dict[str,
     return final
 
 
-def trainer_state(step: int, cfg: TrainConfig, optimizer_by_name: dict, model: nn.Module) -> dict:
-    """Everything besides the weights that a resumed run needs to continue bit-identically."""
-    state = {"step": step, "optimizer_by_name": optimizer_by_name, "rng_cpu": torch.get_rng_state(),
+def write_checkpoint(root: Path, step: int, model: nn.Module, weights: dict[str, torch.Tensor], state: dict, *,
+                     tokenizer: str | Path | None = None, keep: int = 2) -> Path:
+    """Write step-NNNNNN from one process, point `latest` at it, then keep only the `keep` newest
+    checkpoints up to this step (see the module docstring for the order)."""
+    from moge.checkpoint import save_pretrained
+
+    tmp = begin_checkpoint(root, step)
+    save_pretrained(model, tmp, state_dict=weights)
+    copy_tokenizer(tokenizer, tmp)
+    torch.save(state, tmp / TRAINER_STATE)
+    return commit_checkpoint(root, step, keep)
+
+
+def trainer_state(step: int, cfg: TrainConfig, model: nn.Module) -> dict:
+    """Everything besides the weights and the optimizer state ("optimizer_by_name", added by the
+    `Processes` that saves) that a resumed run needs to continue bit-identically."""
+    state = {"step": step, "rng_cpu": torch.get_rng_state(),
              "train_config": json.dumps(dataclasses.asdict(cfg)),
              "routers": {name: buf.clone() for name, buf in model.named_buffers()
                          if name.endswith("tokens_per_expert")}}
@@ -157,6 +189,63 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Mod
             mine[key] = value.clone() if torch.is_tensor(value) else value
         state[index[name]] = mine
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def expert_part_name(ep_rank: int, ep: int) -> str:
+    """The optimizer-state file of EP rank `ep_rank` (0-based) of `ep`."""
+    return f"optimizer-experts-{ep_rank + 1:05d}-of-{ep:05d}.pt"
+
+
+def split_optimizer_state(by_name: dict, sharded: Mapping[str, tuple[range, int]],
+                          files: list[str]) -> tuple[dict, dict]:
+    """(rest, part) of this rank's `optimizer_state_by_name` (without a `whole` hook). `sharded`
+    maps every parameter this rank holds a shard of to (its rows here, its rows in the whole model).
+    The part has those parameters' per-row state tensors, as they are (no copy); rest has every
+    other entry and names the part `files` of all ranks, for `read_optimizer_state`."""
+    rest, part = {}, {}
+    for name, entry in by_name["state"].items():
+        if name not in sharded:
+            rest[name] = entry
+            continue
+        rows = sharded[name][0]
+        part[name] = {k: v for k, v in entry.items() if torch.is_tensor(v) and v.dim() and v.shape[0] == len(rows)}
+        rest[name] = {k: v for k, v in entry.items() if k not in part[name]}
+    parts = {"files": list(files), "rows": {name: whole for name, (_, whole) in sharded.items()}}
+    return ({**by_name, "state": rest, "expert_parts": parts},
+            {"state": part, "first_row": {name: rows.start for name, (rows, _) in sharded.items()}})
+
+
+def read_optimizer_state(path: Path, by_name: dict, rows: Callable[[str, int], range] | None = None) -> dict:
+    """`by_name` (trainer.pt's "optimizer_by_name") with the per-expert state kept in part files put
+    back, as `load_optimizer_state_by_name` takes it: for each sharded parameter the rows
+    `rows(name, whole rows)` (default: all; an expert-parallel rank asks for its own experts). The
+    part files are memory-mapped, so only the rows asked for are read. A checkpoint saved from one
+    process has no parts and is returned as it is."""
+    parts = by_name.get("expert_parts")
+    if not parts:
+        return by_name
+    state = {name: dict(entry) for name, entry in by_name["state"].items()}
+    wanted = {name: range(whole) if rows is None else rows(name, whole) for name, whole in parts["rows"].items()}
+    pieces: dict[tuple[str, str], list[tuple[int, Tensor]]] = {}
+    for file in parts["files"]:
+        try:
+            part = torch.load(path / file, weights_only=True, map_location="cpu", mmap=True)
+        except FileNotFoundError:
+            raise TrainingError(f"{path / file} is missing: {path / TRAINER_STATE} lists it among the optimizer "
+                                f"state's expert parts {parts['files']}") from None
+        for name, entry in part["state"].items():
+            first, want = part["first_row"][name], wanted[name]
+            for key, value in entry.items():
+                lo, hi = max(want.start, first), min(want.stop, first + value.shape[0])
+                if lo < hi:
+                    pieces.setdefault((name, key), []).append((lo, value[lo - first:hi - first]))
+    for (name, key), got in pieces.items():
+        got.sort(key=lambda p: p[0])
+        if sum(len(v) for _, v in got) != len(wanted[name]):
+            raise TrainingError(f"the optimizer state's expert parts {parts['files']} in {path} do not cover rows "
+                                f"{wanted[name].start}..{wanted[name].stop - 1} of {name}.{key}")
+        state[name][key] = torch.cat([v for _, v in got])  # a copy: the mapped files can close
+    return {k: v for k, v in by_name.items() if k != "expert_parts"} | {"state": state}
 
 
 def truncate_metrics(path: Path, step: int) -> None:

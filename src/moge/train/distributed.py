@@ -1,13 +1,19 @@
 """Data x expert parallel training under torchrun: every rank is a data-parallel rank with
 batch_size / world rows of each micro-batch, and the routed experts are split over
 `expert_parallel` ranks. Every rank builds the same whole model (same seed) and keeps its expert
-shard; checkpoints hold the whole model, so they load at any expert-parallel size.
+shard. A checkpoint is written by the ranks together, with nothing gathered: each EP rank of the
+first replica writes the safetensors shards of its experts and its part of the optimizer state into
+one staging directory, rank 0 also the rest, and rank 0 commits only once every rank has succeeded.
+The result is an ordinary released-layout checkpoint that loads at any expert-parallel size.
 
 The only module of moge.train that touches torch.distributed collectives or moge.parallel.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,11 +23,12 @@ from torch import Tensor, nn
 from moge.config import ModelConfig
 from moge.degrees import check_divides_world, check_expert_parallel
 from moge.errors import ConfigError
-from moge.parallel.expert import full_state_dict, gather_expert_tensor, is_expert_param, shard_model, shard_state_dict
+from moge.parallel.expert import is_expert_param, shard_model
 from moge.parallel.launch import comm_device
 from moge.parallel.mesh import ExpertParallelMesh
 from moge.parallel.training import clip_grad_norm, reduce_gradients
-from moge.train.checkpointing import load_optimizer_state_by_name, optimizer_state_by_name
+from moge.train import checkpointing
+from moge.train.checkpointing import load_optimizer_state_by_name, optimizer_state_by_name, read_optimizer_state
 from moge.train.config import TrainConfig, TrainingError
 
 
@@ -71,27 +78,84 @@ class DataExpertParallel:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None
 
-    def state_to_save(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        """The whole model's weights and optimizer state on every rank (expert shards gathered)."""
-        return full_state_dict(model, self.mesh), optimizer_state_by_name(optimizer, model, self._whole)
+    def save_checkpoint(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        state: dict, *, tokenizer: str | Path | None, keep: int) -> Path:
+        """Write checkpoint `step` from the ranks of the first replica (see the module docstring)
+        and commit it once all have finished. A failure on any rank raises TrainingError on every
+        rank, and the checkpoint `latest` names stays as it was."""
+        tmp = checkpointing.staging_dir(root, step)
+        lead = self.rank == 0
+        try:
+            self._agree(step, "preparing", lambda: checkpointing.begin_checkpoint(root, step) if lead else None)
+            self._agree(step, "writing", lambda: self._write_part(tmp, model, optimizer, state, tokenizer))
+            self._agree(step, "committing", lambda: self._commit(root, step, keep) if lead else None)
+        except TrainingError:
+            if lead:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return checkpointing.step_dir(root, step)
+
+    def _write_part(self, tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                    tokenizer: str | Path | None) -> None:
+        """This rank's files: on EP rank r of the first replica the shards of its experts and
+        their optimizer state; on rank 0 also everything replicated and trainer.pt."""
+        from moge.checkpoint.save import save_expert_parallel_part
+
+        ep, ep_rank = self.mesh.ep, self.mesh.ep_rank
+        if self.rank >= ep:  # another replica holds the same tensors
+            return
+        save_expert_parallel_part(model, tmp, ep=ep, ep_rank=ep_rank)
+        sharded = {name: (self.mesh.expert_range(len(p) * ep), len(p) * ep)
+                   for name, p in model.named_parameters() if is_expert_param(name)}
+        files = [checkpointing.expert_part_name(r, ep) for r in range(ep)] if sharded else []
+        rest, part = checkpointing.split_optimizer_state(optimizer_state_by_name(optimizer, model), sharded, files)
+        if sharded:
+            torch.save(part, tmp / checkpointing.expert_part_name(ep_rank, ep))
+        if self.rank == 0:
+            checkpointing.copy_tokenizer(tokenizer, tmp)
+            torch.save(state | {"optimizer_by_name": rest}, tmp / checkpointing.TRAINER_STATE)
+
+    def _commit(self, root: Path, step: int, keep: int) -> None:
+        """Rank 0: check that it sees every file the other ranks wrote (the run directory must be
+        on a filesystem they share), then commit."""
+        from moge.checkpoint import INDEX_NAME
+
+        tmp = checkpointing.staging_dir(root, step)
+        files = set(json.loads((tmp / INDEX_NAME).read_text())["weight_map"].values())
+        saved = torch.load(tmp / checkpointing.TRAINER_STATE, weights_only=True, map_location="cpu", mmap=True)
+        files |= set(saved["optimizer_by_name"].get("expert_parts", {}).get("files", []))
+        absent = sorted(f for f in files if not (tmp / f).is_file())
+        if absent:
+            raise TrainingError(f"rank 0 does not see {absent} in {tmp}, written by the other ranks: the run "
+                                f"directory (--out) must be on a filesystem every rank shares")
+        checkpointing.commit_checkpoint(root, step, keep)
+
+    def _agree(self, step: int, what: str, action: Callable[[], object]) -> None:
+        """Run `action` on this rank, then learn every rank's outcome (collective): if any failed,
+        every rank raises the same TrainingError naming the ranks and their errors."""
+        try:
+            action()
+            mine = None
+        except Exception as e:  # noqa: BLE001 - reported to every rank, then raised everywhere as one error
+            mine = f"{type(e).__name__}: {e}"
+        outcomes: list[str | None] = [None] * self.world
+        dist.all_gather_object(outcomes, mine)
+        failed = [f"rank {r}: {msg}" for r, msg in enumerate(outcomes) if msg is not None]
+        if failed:
+            raise TrainingError(f"saving the checkpoint of step {step} failed while {what} ({'; '.join(failed)}); "
+                                f"nothing was committed: the latest checkpoint is unchanged")
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, state: dict) -> None:
-        """Read the whole checkpoint, keep this rank's expert shard."""
-        from moge.checkpoint import load_pretrained
+        """Read this rank's share of the checkpoint (its experts and the replicated parts) straight
+        from the files into the sharded model; the whole model is never held."""
+        from moge.parallel.load import load_shards
 
         if "optimizer_by_name" not in state:
             raise TrainingError(f"{path}/trainer.pt predates expert-parallel checkpoints; resume it with a "
                                 f"single process first")
-        whole = load_pretrained(path).state_dict()
-        model.load_state_dict(shard_state_dict(whole, self.mesh))
-        del whole
-        load_optimizer_state_by_name(optimizer, model, state["optimizer_by_name"], self._local)
-
-    def _whole(self, name: str, value: Tensor, param: nn.Parameter) -> Tensor:
-        """An expert parameter's optimizer state gathered over the EP group (collective)."""
-        if is_expert_param(name) and value.shape == param.shape:
-            return gather_expert_tensor(value, self.mesh)
-        return value
+        load_shards(model, path)
+        saved = read_optimizer_state(path, state["optimizer_by_name"], lambda _name, rows: self.mesh.expert_range(rows))
+        load_optimizer_state_by_name(optimizer, model, saved, self._local)
 
     def _local(self, name: str, value: Tensor, param: nn.Parameter) -> Tensor:
         """This rank's experts of a whole model's expert state (saved at any EP size)."""

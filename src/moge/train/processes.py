@@ -13,7 +13,12 @@ from torch import nn
 
 from moge.config import ModelConfig
 from moge.errors import ConfigError
-from moge.train.checkpointing import load_optimizer_state_by_name, optimizer_state_by_name
+from moge.train.checkpointing import (
+    load_optimizer_state_by_name,
+    optimizer_state_by_name,
+    read_optimizer_state,
+    write_checkpoint,
+)
 from moge.train.config import TrainConfig
 
 
@@ -29,7 +34,8 @@ class Processes(Protocol):
     def finish_gradients(self, model: nn.Module, stats: dict[str, float],
                          max_norm: float) -> tuple[torch.Tensor, dict[str, float]]: ...
     def stop_signal(self, local: int | None) -> int | None: ...
-    def state_to_save(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]: ...
+    def save_checkpoint(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        state: dict, *, tokenizer: str | Path | None, keep: int) -> Path: ...
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, state: dict) -> None: ...
     def barrier(self) -> None: ...
 
@@ -57,15 +63,20 @@ class SingleProcess:
     def stop_signal(self, local: int | None) -> int | None:
         return local
 
-    def state_to_save(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        return model.state_dict(), optimizer_state_by_name(optimizer, model)
+    def save_checkpoint(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        state: dict, *, tokenizer: str | Path | None, keep: int) -> Path:
+        """Write and commit checkpoint `step` (`state`: checkpointing.trainer_state) with the
+        optimizer state in trainer.pt."""
+        state = state | {"optimizer_by_name": optimizer_state_by_name(optimizer, model)}
+        return write_checkpoint(root, step, model, model.state_dict(), state, tokenizer=tokenizer, keep=keep)
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, state: dict) -> None:
         from moge.checkpoint import load_state_dict_into
 
         load_state_dict_into(model, path)
         if "optimizer_by_name" in state:
-            load_optimizer_state_by_name(optimizer, model, state["optimizer_by_name"])
+            # saved by expert-parallel ranks: the expert rows come back from their part files
+            load_optimizer_state_by_name(optimizer, model, read_optimizer_state(path, state["optimizer_by_name"]))
         else:  # checkpoints written before optimizer state was keyed by name
             optimizer.load_state_dict(state["optimizer"])
 

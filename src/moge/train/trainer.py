@@ -69,18 +69,14 @@ class Trainer:
 
     def save(self) -> Path:
         """Save this step (once: a step already saved is not written again) and point `latest` at
-        it. Collective under torchrun: expert shards are gathered, rank 0 writes."""
+        it. Collective under torchrun: every rank writes its own part, nothing is gathered."""
         if self._saved_step == self.step:
             return checkpointing.step_dir(self.ckpt_root, self.step)
         checkpointing.check_unsaved(self.ckpt_root, self.step)  # on every rank, before any collective
-        weights, optimizer_state = self.procs.state_to_save(self.model, self.optimizer)
-        path = checkpointing.step_dir(self.ckpt_root, self.step)
-        if self.rank == 0:
-            state = checkpointing.trainer_state(self.step, self.cfg, optimizer_state, self.model)
-            path = checkpointing.write_checkpoint(self.ckpt_root, self.step, self.model, weights, state,
-                                                  tokenizer=getattr(self.data, "tokenizer_path", None),
-                                                  keep=self.cfg.keep_checkpoints)
-        self.procs.barrier()
+        path = self.procs.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer,
+                                          checkpointing.trainer_state(self.step, self.cfg, self.model),
+                                          tokenizer=getattr(self.data, "tokenizer_path", None),
+                                          keep=self.cfg.keep_checkpoints)
         self._saved_step = self.step
         return path
 
