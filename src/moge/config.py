@@ -154,6 +154,8 @@ _HF_KEYS = {
     # multi-token prediction modules (DeepSeek-V3's key name; written only when > 0)
     "num_nextn_predict_layers": "num_mtp_modules",
 }
+# The floating dtypes config.json's torch_dtype may name (what the saved weights are).
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
 _HF_IGNORED = {"model_type", "architectures", "hidden_act", "torch_dtype", "dtype", "transformers_version",
                "auto_map", "use_cache", "initializer_range", "attention_dropout", "sliding_window",
                "use_sliding_window", "max_window_layers", "rope_scaling", "output_router_logits",
@@ -336,10 +338,17 @@ class ModelConfig:
             kw.setdefault("shared_expert_intermediate_size", 0)
         return cls(**kw, extra=extra)
 
-    def to_hf_dict(self) -> dict:
+    def to_hf_dict(self, torch_dtype: str | None = None) -> dict:
+        """The release's config.json fields. `torch_dtype` ("float32", "bfloat16", ...) is the dtype
+        the weights beside it are saved in: a checkpoint writer knows it, the config alone does not
+        (written only when given; loaders default to it)."""
         inv = {v: k for k, v in _HF_KEYS.items()}
         out: dict[str, Any] = {"architectures": ["PanguProMoEForCausalLM"], "model_type": "PanguProMoE",
-                               "hidden_act": "silu", "torch_dtype": "bfloat16"}
+                               "hidden_act": "silu"}
+        if torch_dtype is not None:
+            if torch_dtype not in TORCH_DTYPES:
+                raise bad_value("torch_dtype", torch_dtype, f"choose one of {TORCH_DTYPES}")
+            out["torch_dtype"] = torch_dtype
         for f in dataclasses.fields(self):
             if f.name == "extra" or (f.name == "head_dim" and self.head_dim is None) or \
                     (f.name == "num_mtp_modules" and not self.num_mtp_modules) or \
@@ -364,10 +373,10 @@ class ModelConfig:
             raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
         return cls.from_hf_dict(data)
 
-    def to_json(self, path: str | Path) -> None:
+    def to_json(self, path: str | Path, torch_dtype: str | None = None) -> None:
         from moge.io import atomic_write_text
 
-        atomic_write_text(Path(path), json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(Path(path), json.dumps(self.to_hf_dict(torch_dtype), indent=2, sort_keys=True) + "\n")
 
 
 def _check_foreign_fields(d: dict) -> None:

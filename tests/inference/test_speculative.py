@@ -13,6 +13,7 @@ from moge.checkpoint import load_pretrained, save_pretrained
 from moge.cli import main
 from moge.commands.train import add_train_arguments, train_config_from_args
 from moge.config import ModelConfig
+from moge.errors import ConfigError
 from moge.inference.generate import Sampling, generate, sampling_probs
 from moge.nn.model import KVCache, PanguProMoEForCausalLM
 from moge.inference.speculative import speculative_generate
@@ -309,3 +310,35 @@ def test_generate_cli_speculative_json(tmp_path, capsys):
     spec = json.loads(capsys.readouterr().out)
     assert spec["completions"][0]["tokens"] == plain["completions"][0]["tokens"]
     assert spec["speculative"]["num_draft"] == 2 and 0 <= spec["speculative"]["acceptance_rate"] <= 1
+
+
+# ---- under expert parallelism: ranks in lockstep, each decoding its own rows ------------------------------
+
+def _lockstep_worker(rank, world, num_draft):
+    from moge.parallel import H2P, ExpertParallel, parallelize
+    from moge.parallel.lockstep import all_ranks_done, min_over_ranks
+
+    # each rank its own rows and lengths: rank 0 finishes long before rank 1 and keeps stepping
+    prompts = [[5, 6, 7], [8, 9]] if rank == 0 else [[10, 11, 12, 13]]
+    max_new = 3 if rank == 0 else 12
+    model = make_model()
+    want = generate(model, prompts, max_new_tokens=max_new, stop_ids=[]).tokens
+    alone = speculative_generate(model, prompts, max_new_tokens=max_new, stop_ids=[], num_draft=num_draft).tokens
+    split = parallelize(model, ExpertParallel(world))
+    got = speculative_generate(split, prompts, max_new_tokens=max_new, stop_ids=[], num_draft=num_draft,
+                               all_done=all_ranks_done, agree_min=min_over_ranks)
+    try:
+        speculative_generate(parallelize(make_model(), H2P(2, 1)), prompts, max_new_tokens=2)
+        refused = ""
+    except ConfigError as e:
+        refused = str(e)
+    return {"want": want, "alone": alone, "got": got.tokens, "refused": refused}
+
+
+@pytest.mark.parametrize("num_draft", [1, 2])
+def test_speculative_under_expert_parallel_equals_greedy(num_draft):
+    from moge.parallel.launch import spawn
+
+    for r in spawn(_lockstep_worker, 2, num_draft):
+        assert r["got"] == r["alone"] == r["want"]
+        assert "MTP module split like the trunk" in r["refused"]

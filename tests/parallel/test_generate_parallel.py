@@ -3,6 +3,7 @@ layout) prints what a single process prints."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,9 +11,12 @@ import pytest
 import torch
 
 from moge.checkpoint import save_pretrained
+from moge.checkpoint.build import checkpoint_dtype
 from moge.cli import main
+from moge.errors import CheckpointError, ConfigError
 from moge.nn.model import PanguProMoEForCausalLM
-from models import tiny_config
+from moge.parallel import launch
+from models import make_model, tiny_config
 
 CFG = tiny_config(vocab_size=61, eos_token_id=60)
 
@@ -46,8 +50,163 @@ def test_torchrun_generate_expert_parallel_and_h2p_match_one_process(checkpoint,
         assert [c["tokens"] for c in got["completions"]] == want, extra
 
 
-def test_speculative_is_refused_under_torchrun(checkpoint, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def mtp_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen-mtp") / "ckpt"
+    save_pretrained(PanguProMoEForCausalLM(CFG.replace(num_mtp_modules=1)).init_weights(0.2, seed=1), path)
+    return path
+
+
+def test_torchrun_speculative_expert_parallel_matches_one_process(mtp_checkpoint, capsys):
+    draft = ["--num-draft", "2"]
+    assert main(["generate", "--model", str(mtp_checkpoint), *ARGS]) == 0
+    want = [c["tokens"] for c in json.loads(capsys.readouterr().out)["completions"]]
+    assert main(["generate", "--model", str(mtp_checkpoint), *ARGS, "--speculative", *draft]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert [c["tokens"] for c in alone["completions"]] == want
+    got = _torchrun(mtp_checkpoint, "--parallel", "ep", "--speculative", *draft)
+    assert [c["tokens"] for c in got["completions"]] == want
+    assert got["speculative"]["verify_steps"] == alone["speculative"]["verify_steps"]
+
+
+def test_speculative_with_h2p_is_refused_under_torchrun(checkpoint, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; refused before any process group starts
     monkeypatch.setenv("RANK", "0")
-    assert main(["generate", "--model", str(checkpoint), *ARGS, "--speculative"]) == 2
-    assert "--speculative runs in a single process" in capsys.readouterr().err
+    assert main(["generate", "--model", str(checkpoint), *ARGS, "--speculative", "--parallel", "h2p"]) == 2
+    assert "--speculative with --parallel h2p is not supported" in capsys.readouterr().err
+
+
+# ---- device and dtype: the default follows the checkpoint, bad choices are one-line errors ----------------
+
+def test_config_json_names_the_dtype_the_weights_are_saved_in(tmp_path):
+    model = make_model(CFG)
+    save_pretrained(model, tmp_path / "fp32")
+    save_pretrained(model, tmp_path / "bf16", dtype="bf16")
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert checkpoint_dtype(tmp_path / "bf16") == torch.bfloat16
+    assert "torch_dtype" not in CFG.to_hf_dict()  # a config without weights states no dtype
+
+
+def _loaded_dtype(monkeypatch, checkpoint, *extra) -> torch.dtype:
+    """Run `moge generate` and return the dtype its model was loaded in."""
+    import moge.checkpoint as ckpt
+
+    seen = []
+    real = ckpt.load_pretrained
+
+    def spy(*args, **kw):
+        model = real(*args, **kw)
+        seen.append(next(model.parameters()).dtype)
+        return model
+
+    monkeypatch.setattr(ckpt, "load_pretrained", spy)
+    assert main(["generate", "--model", str(checkpoint), "--token-ids", "1,2", "--max-new-tokens", "2",
+                 "--json", *extra]) == 0
+    return seen[0]
+
+
+def test_default_dtype_follows_the_checkpoint_and_dtype_overrides_it(tmp_path, monkeypatch, capsys):
+    save_pretrained(make_model(CFG), tmp_path / "bf16", dtype="bf16")
+    save_pretrained(make_model(CFG), tmp_path / "fp32")
+    assert _loaded_dtype(monkeypatch, tmp_path / "bf16") == torch.bfloat16
+    assert _loaded_dtype(monkeypatch, tmp_path / "fp32") == torch.float32
+    assert _loaded_dtype(monkeypatch, tmp_path / "bf16", "--dtype", "float32") == torch.float32
+    assert _loaded_dtype(monkeypatch, tmp_path / "fp32", "--dtype", "bfloat16", "--device", "cpu") == torch.bfloat16
+
+
+@pytest.mark.parametrize("flags, warned", [(frozenset({"avx2", "fma"}), True),
+                                           (frozenset({"avx2", "avx512f", "avx512_bf16"}), False),
+                                           (frozenset({"avx2", "amx_bf16"}), False)])
+def test_slow_bf16_warning_depends_on_the_cpu(tmp_path, monkeypatch, capsys, flags, warned):
+    monkeypatch.setattr(launch, "cpu_flags", lambda: flags)
+    save_pretrained(make_model(CFG), tmp_path / "bf16", dtype="bf16")
+    _loaded_dtype(monkeypatch, tmp_path / "bf16")
+    err = capsys.readouterr().err
+    assert ("warning: bfloat16 on this CPU" in err) is warned, err
+    capsys.readouterr()
+    _loaded_dtype(monkeypatch, tmp_path / "bf16", "--dtype", "float32")  # float32 never warns
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_slow_dtype_note_only_for_half_types_on_cpu(monkeypatch):
+    monkeypatch.setattr(launch, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert launch.slow_dtype_note(torch.float32, torch.device("cpu")) is None
+    assert "float16" in launch.slow_dtype_note(torch.float16, torch.device("cpu"))
+    monkeypatch.setattr(launch, "cpu_flags", lambda: frozenset())  # unknown CPU: no guess
+    assert launch.slow_dtype_note(torch.bfloat16, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("device, count, message", [
+    ("cuda", 0, r"device='cuda' is invalid: this machine has no CUDA device .*valid: cpu"),
+    ("cuda:7", 0, r"device='cuda:7' is invalid: this machine has no CUDA device"),
+    ("cuda:7", 1, r"device='cuda:7' is invalid: there is no GPU 7; this machine has 1 CUDA device\(s\) "
+                  r"\(valid: cpu, cuda:0\)"),
+    ("tpu", 1, r"device='tpu' is invalid: choose one of auto, cpu, cuda, cuda:N"),
+    ("gpu:0", 1, r"device='gpu:0' is invalid: choose one of auto, cpu, cuda, cuda:N"),
+])
+def test_a_device_that_does_not_exist_is_a_one_line_error(checkpoint, monkeypatch, capsys, device, count, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    assert main(["generate", "--model", str(checkpoint), *ARGS, "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_device_resolution_follows_the_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert launch.resolve_device("auto") == torch.device("cuda", 1)
+    assert launch.resolve_device("cuda") == torch.device("cuda", 1)
+    assert launch.resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert launch.backend_for(launch.resolve_device("auto")) == "nccl"
+    assert launch.backend_for(launch.resolve_device("cpu")) == "gloo"
+    monkeypatch.setenv("LOCAL_RANK", "2")  # a third rank on a 2-GPU machine
+    with pytest.raises(ConfigError, match="local rank 2 has no GPU of its own"):
+        launch.resolve_device("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert launch.resolve_device("auto") == torch.device("cpu")
+
+
+def test_a_dtype_the_device_cannot_run_is_an_error(monkeypatch):
+    real_ones = torch.ones
+
+    def no_half(*args, dtype=None, **kw):
+        if dtype == torch.float16:
+            raise RuntimeError('"addmm_impl_cpu_" not implemented for \'Half\'')
+        return real_ones(*args, dtype=dtype, **kw)
+
+    monkeypatch.setattr(torch, "ones", no_half)
+    with pytest.raises(ConfigError, match=r"dtype=float16 is invalid on cpu: its kernels cannot run it "
+                                          r"\(\"addmm_impl_cpu_\" not implemented for 'Half'\); use --dtype float32"):
+        launch.check_dtype_on_device(torch.float16, torch.device("cpu"))
+    launch.check_dtype_on_device(torch.float32, torch.device("cpu"))
+
+
+def test_the_files_dtype_wins_over_a_config_that_misnames_it(tmp_path):
+    """Checkpoints written before torch_dtype followed the weights say "bfloat16" over fp32 files."""
+    save_pretrained(make_model(CFG), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"torch_dtype": "bfloat16"}))
+    assert checkpoint_dtype(tmp_path) == torch.float32
+
+
+def test_a_checkpoint_with_an_unknown_torch_dtype_names_it(tmp_path):
+    save_pretrained(make_model(CFG), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"torch_dtype": "float8_e4m3fn"}))
+    with pytest.raises(CheckpointError, match=r"torch_dtype='float8_e4m3fn' is not a dtype this loader reads"):
+        checkpoint_dtype(tmp_path)
+
+
+def test_train_refuses_a_device_that_does_not_exist_before_anything_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", "--model", "moge-tiny", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
+                 "--device", "cuda:1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "device='cuda:1' is invalid: this machine has no CUDA device" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

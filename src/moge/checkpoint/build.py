@@ -4,14 +4,16 @@ Shared by the float and the quantized loaders."""
 
 from __future__ import annotations
 
-from collections.abc import Container
+import json
+from collections.abc import Container, Iterable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from moge.checkpoint.files import listing
-from moge.config import ModelConfig
+from moge.checkpoint.files import CONFIG_NAME, MissingCheckpointFileError, Source, listing
+from moge.config import TORCH_DTYPES, ModelConfig
 from moge.errors import CheckpointError, bad_value
 from moge.nn.model import PanguProMoEForCausalLM
 from moge.nn.routing import Router
@@ -34,6 +36,57 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         return dtype
     raise bad_value("dtype", dtype, f"choose one of {sorted(_DTYPE_NAMES)} or torch.float32 / torch.bfloat16 / "
                                     f"torch.float16 (or None to keep the files' dtype)")
+
+
+def checkpoint_dtype(directory: str | Path) -> torch.dtype | None:
+    """The dtype the weights are saved in: what loading defaults to. Read from the safetensors
+    headers (the floating dtype holding the most elements), which is the truth even for files whose
+    config.json misnames it (ours wrote "bfloat16" over fp32 weights before `saved_dtype_name`);
+    config.json's `torch_dtype` (or transformers 5's `dtype`) when the headers cannot be read. None
+    when neither names one (then each tensor keeps its dtype in the files)."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MissingCheckpointFileError(f"{path} is missing: a checkpoint directory needs the model's "
+                                         f"config.json") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    name = data.get("torch_dtype", data.get("dtype")) if isinstance(data, dict) else None
+    if name is not None and (not isinstance(name, str) or name.lower().removeprefix("torch.") not in _DTYPE_NAMES):
+        raise CheckpointError(f"{path}: torch_dtype={name!r} is not a dtype this loader reads: expected one of "
+                              f"{TORCH_DTYPES}")
+    stored = _stored_dtype(Path(directory))
+    if stored is not None or name is None:
+        return stored
+    return _DTYPE_NAMES[name.lower().removeprefix("torch.")]
+
+
+def _stored_dtype(directory: Path) -> torch.dtype | None:
+    try:
+        found = Source.open(directory).found
+    except (CheckpointError, OSError):
+        return None
+    elements: dict[torch.dtype, int] = {}
+    for shape, dtype in found.values():
+        if dtype is not None and dtype.is_floating_point:
+            elements[dtype] = elements.get(dtype, 0) + int(torch.Size(shape).numel())
+    return max(elements, key=elements.__getitem__) if elements else None
+
+
+def saved_dtype_name(tensors: Iterable[Tensor], target: torch.dtype | None = None) -> str | None:
+    """config.json's `torch_dtype` for these weights written with floating tensors converted to
+    `target` (None: as they are): the floating dtype holding the most elements (None when none is
+    floating)."""
+    elements: dict[torch.dtype, int] = {}
+    for t in tensors:
+        if t.is_floating_point():
+            dtype = target or t.dtype
+            elements[dtype] = elements.get(dtype, 0) + t.numel()
+    if not elements:
+        return None
+    name = str(max(elements, key=elements.__getitem__)).removeprefix("torch.")
+    return name if name in TORCH_DTYPES else None
 
 
 def meta_model(cfg: ModelConfig) -> PanguProMoEForCausalLM:

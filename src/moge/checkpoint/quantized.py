@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from moge.checkpoint.build import add_expert_bias_where_saved, meta_model, rebuild_non_persistent_buffers, resolve_dtype
+from moge.checkpoint.build import (add_expert_bias_where_saved, meta_model, rebuild_non_persistent_buffers,
+                                   resolve_dtype, saved_dtype_name)
 from moge.checkpoint.files import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -85,7 +86,7 @@ def save_quantized(model: nn.Module, directory: str | Path, *, report: dict | No
     directory.mkdir(parents=True, exist_ok=True)
     data = safetensors_bytes(tensors, metadata={"format": "pt", "quant_method": QUANT_METHOD})
     atomic_write_bytes(directory / SINGLE_FILE_NAME, data)
-    hf = cfg.to_hf_dict()
+    hf = cfg.to_hf_dict(torch_dtype=saved_dtype_name(tensors.values()))
     hf["quantization_config"] = qc
     atomic_write_text(directory / CONFIG_NAME, json.dumps(hf, indent=2, sort_keys=True) + "\n")
     return directory
@@ -186,8 +187,7 @@ def load_quantized(directory: str | Path, *, dtype: torch.dtype | str | None = N
         elif file_dtype is None or not file_dtype.is_floating_point:
             bad.append(f"{key}: expected a floating-point dtype, found {file_dtype}")
     if bad:
-        problems.append(f"shape/dtype mismatches ({len(bad)}): " + "; ".join(bad[:10])
-                        + (f"; ... and {len(bad) - 10} more" if len(bad) > 10 else ""))
+        problems.append(f"shape/dtype mismatches ({len(bad)}): {listing(bad, sep='; ')}")
     if problems:
         raise CheckpointError(f"quantized checkpoint {directory} does not match its config:\n  "
                               + "\n  ".join(problems))

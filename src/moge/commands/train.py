@@ -39,7 +39,8 @@ HELP = {
     "save_every": "checkpoint every N steps",
     "keep_checkpoints": "checkpoints kept on disk",
     "seed": "seed for initialisation and data order",
-    "device": "auto, cpu or cuda (bf16 autocast on cuda)",
+    "device": "auto, cpu, cuda or cuda:N (bf16 autocast on cuda; under torchrun auto and cuda mean the local "
+              "rank's GPU, with nccl; cpu uses gloo)",
     "threads": "torch CPU threads (0 = torch's default)",
     "init_std": "std of the normal initialisation",
     "mtp_modules": "1 = add a multi-token-prediction module to the model (same as --mtp); 0 = as its config says",
@@ -147,12 +148,14 @@ def run_train(args: argparse.Namespace) -> int:
         init_distributed,
         launched_by_torchrun,
         peer_failures_as_errors,
+        resolve_device,
         shutdown,
     )
 
     cfg = train_config_from_args(args)
+    device = resolve_device(cfg.device)  # a device that does not exist fails here, before any process group
     distributed = launched_by_torchrun()
-    rank = init_distributed(cfg.dist_timeout)[0] if distributed else 0
+    rank = init_distributed(cfg.dist_timeout, device=device)[0] if distributed else 0
     try:
         with peer_failures_as_errors(cfg.dist_timeout):
             return _train(args, cfg, rank)

@@ -33,6 +33,15 @@ run short, a step keeps only the shortest accepted run instead, and rows that ac
 their accepted draft at that point - still exact: whether to cut is decided before the tests,
 and where a row is cut depends only on the other rows. Batch 1 never has holes.
 
+Ranks in lockstep (a parallel model under torchrun, `all_done` and `agree_min` from
+moge.parallel.lockstep): every forward is a collective, so every rank must make the same forward
+calls. Each rank decodes its own rows with its own caches (their lengths may differ: under expert
+parallelism the token dispatch tolerates different token counts per rank), but per step the ranks
+agree on the number of drafts k (the smallest any running rank needs) and on the columns kept K
+(the smallest any rank keeps: a row that accepted more stops at K, exactly as when holes would not
+fit, so the output stays exact). A rank whose rows are all done keeps stepping on throw-away input,
+its caches cut back to the prompt each step, until every rank is done.
+
 Greedy output equals plain greedy decoding up to floating-point near-ties: the verify pass
 computes several positions in one matmul, whose rounding can differ from one-token steps in the
 last bit, exactly as a padded batch in `generate` can.
@@ -50,6 +59,7 @@ from torch import Tensor
 from moge.errors import ConfigError
 from moge.inference.generate import GenerationResult, Sampling, check_prompts, left_pad, sample_next, sampling_probs
 from moge.nn.model import KVCache, PanguProMoEForCausalLM
+from moge.nn.moe import LocalDispatcher, MoGEBlock
 
 
 @dataclass
@@ -89,6 +99,21 @@ def _check_inputs(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]
     if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
         raise ConfigError(f"num_draft={num_draft!r} is invalid: must be an integer >= 1 (draft tokens per step)")
     check_prompts(cfg, prompts, max_new_tokens)
+    trunk_split = any(not isinstance(m.dispatcher, LocalDispatcher) for m in model.model.layers.modules()
+                      if isinstance(m, MoGEBlock))
+    mtp_whole = any(isinstance(m.dispatcher, LocalDispatcher) for m in model.model.mtp.modules()
+                    if isinstance(m, MoGEBlock))
+    if trunk_split and mtp_whole:
+        raise ConfigError("speculative decoding needs the MTP module split like the trunk: this parallel layout (H2P) "
+                          "leaves it whole; use expert parallelism (ExpertParallel, `--parallel ep`) or one process")
+
+
+def _local(done: bool) -> bool:
+    return done
+
+
+def _same(value: int) -> int:
+    return value
 
 
 def _draw(weights_BV: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -100,10 +125,15 @@ def speculative_generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequen
                          max_new_tokens: int = 32, sampling: Sampling = Sampling(),
                          stop_ids: Sequence[int] | None = None,
                          on_token: Callable[[int, int], None] | None = None,
-                         num_draft: int = 1) -> SpeculativeResult:
+                         num_draft: int = 1, all_done: Callable[[bool], bool] | None = None,
+                         agree_min: Callable[[int], int] | None = None) -> SpeculativeResult:
     """`moge.inference.generate.generate` with MTP drafts verified by the trunk: same arguments, same stop
     and length rules, same output for greedy decoding and the same distribution when sampling.
-    `num_draft` tokens are drafted per step (more than 1 chains the MTP module)."""
+    `num_draft` tokens are drafted per step (more than 1 chains the MTP module).
+
+    A parallel model's ranks must run every forward together: pass
+    `moge.parallel.lockstep.all_ranks_done` as `all_done` and `moge.parallel.lockstep.min_over_ranks`
+    as `agree_min` (the minimum of an integer over the ranks), as `generate` takes `all_done`."""
     _check_inputs(model, prompts, max_new_tokens, num_draft)
     cfg = model.config
     stop = set(stop_ids if stop_ids is not None else ([cfg.eos_token_id] if cfg.eos_token_id is not None else []))
@@ -124,6 +154,8 @@ def speculative_generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequen
     gen = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     greedy = sampling.temperature == 0
     rows = torch.arange(B, device=device)
+    finished = all_done or _local
+    agree = agree_min or _same
 
     tokens: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
@@ -147,18 +179,23 @@ def speculative_generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequen
     t1 = time.perf_counter()
     emit([[t] for t in last.tolist()])
     steps = 0
-    if not all(done):
+    stopped = finished(all(done))
+    if not stopped:
         # the MTP module over the prompt: position t sees h_t and the token at t+1
         following = torch.cat([ids[:, 1:], last.view(B, 1)], dim=1)
         mtp_out = model.mtp_forward(out.pre_norm_hidden, following, cache=mtp_cache,
                                     attention_mask=mask if padded else None, logits_slice=slice(-1, None))
         q_logits, q_hidden = mtp_out.logits[:, -1], mtp_out.pre_norm_hidden[:, -1:]
-    while not all(done):
+    while not stopped:
         active = [row for row in range(B) if not done[row]]
         remaining = {row: max_new_tokens - len(tokens[row]) for row in active}
-        k = min(num_draft, max(remaining.values()) - 1)  # the verify pass may emit k + 1 tokens
+        if not active:  # waiting for other ranks: throw-away steps from the prompt's end
+            cache.truncate(min(cache.length, longest))
+            mtp_cache.truncate(min(mtp_cache.length, longest))
+        # the verify pass may emit k + 1 tokens; in lockstep every rank drafts the smallest k a rank needs
+        k = agree(min(num_draft, max(remaining.values()) - 1) if active else num_draft)
         # worst case with holes: one row keeps all k + 1 columns, another gains one token
-        holes_fit = cache.length + k + max(remaining.values()) <= cache.max_len
+        holes_fit = cache.length + k + max(remaining.values(), default=1) <= cache.max_len
         # 1. draft (chained steps use the module's own output as the hidden state)
         base = mtp_cache.length
         drafts: list[Tensor] = []
@@ -198,7 +235,11 @@ def speculative_generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequen
         # rows' rejected slots become holes - unless holes could leave too few cache columns to
         # finish (decided from the worst case, before any test); then K = the shortest run (no
         # holes; rows that accepted more stop at K + 1).
-        K = max(run[row] for row in active) if holes_fit else min(run[row] for row in active)
+        if active:
+            K = max(run[row] for row in active) if holes_fit else min(run[row] for row in active)
+        else:
+            K = k
+        K = agree(K)  # in lockstep: the fewest columns any rank keeps (rows past it stop at K)
         acc = [min(r, K) for r in run]
         acc_B = torch.tensor(acc, device=device)
         if greedy:
@@ -226,9 +267,10 @@ def speculative_generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequen
         stats["accepted"] += sum(run[row] for row in active)
         stats["emitted_drafts"] += sum(acc[row] for row in active)
         stats["row_steps"] += len(active)
-        steps += 1
+        steps += 1 if active else 0
         emit(blocks)
-        if all(done):
+        stopped = finished(all(done))
+        if stopped:
             break
         # the MTP module over the kept columns: the trunk's hidden states and each row's next tokens
         following = torch.tensor([b + [pad] * (K + 1 - len(b)) for b in blocks], device=device)

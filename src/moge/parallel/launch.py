@@ -1,16 +1,20 @@
-"""Starting torch.distributed under torchrun, and turning a dead or hung peer into a clear error.
+"""Where a process runs (its device, and whether its dtype suits that device), starting
+torch.distributed under torchrun, and turning a dead or hung peer into a clear error.
 
-`torchrun --nproc-per-node N -m moge ...` sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-MASTER_PORT; `init_distributed` reads them (backend nccl with CUDA, gloo otherwise). Every collective
-waits at most `timeout_s`: when a rank dies, its peers see the connection close (gloo) or the
-timeout expire, and raise `DistributedError` naming the rank and the limit, instead of hanging.
-torchrun then stops the remaining workers.
+`resolve_device` turns --device (auto, cpu, cuda, cuda:N) into a device that exists, the local
+rank's GPU under torchrun by default. `torchrun --nproc-per-node N -m moge ...` sets RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init_distributed` reads them, with the
+backend that moves the device's tensors (nccl for CUDA, gloo for CPU). Every collective waits at
+most `timeout_s`: when a rank dies, its peers see the connection close (gloo) or the timeout
+expire, and raise `DistributedError` naming the rank and the limit, instead of hanging. torchrun
+then stops the remaining workers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 import re
 from collections.abc import Iterator
@@ -58,8 +62,100 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
-def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> tuple[int, int]:
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The device this process runs on. auto (or None): under torchrun the local rank's GPU when
+    CUDA is present, else cuda:0 when present, else cpu; cuda: the local rank's GPU (cuda:0
+    outside torchrun); cuda:N: that GPU. Raises ConfigError for a device that does not exist."""
+    name = "auto" if device is None else str(device).strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={device!r} is invalid: choose one of {', '.join(DEVICE_CHOICES)}") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise ConfigError(f"device={device!r} is invalid: choose one of {', '.join(DEVICE_CHOICES)}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"device={device!r} is invalid: this machine has no CUDA device (torch "
+                          f"{torch.__version__}, torch.cuda.is_available() is False); valid: cpu")
+    index = dev.index if dev.index is not None else (local_rank() if launched_by_torchrun() else 0)
+    if index >= count:
+        have = ", ".join(f"cuda:{i}" for i in range(count))
+        why = f"local rank {index} has no GPU of its own" if dev.index is None else f"there is no GPU {index}"
+        raise ConfigError(f"device={device!r} is invalid: {why}; this machine has {count} CUDA device(s) "
+                          f"(valid: cpu, {have})")
+    return torch.device("cuda", index)
+
+
+def backend_for(device: torch.device) -> str:
+    """The process-group backend that moves this device's tensors: nccl for CUDA, gloo for CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def check_dtype_on_device(dtype: torch.dtype, device: torch.device) -> None:
+    """Raise ConfigError when `device` cannot run `dtype` (bf16 on a GPU without it, or any dtype
+    whose matmul the device's kernels lack)."""
+    if device.type == "cuda" and dtype == torch.bfloat16 and not _cuda_has_bf16(device):
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"dtype=bfloat16 is invalid on {device} ({name}): the GPU has no bfloat16 support "
+                          f"(compute capability 8.0 or newer needed); use --dtype float16 or float32")
+    try:
+        a = torch.ones(2, 2, dtype=dtype, device=device)
+        (a @ a).softmax(-1)
+    except (RuntimeError, NotImplementedError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"dtype={str(dtype).removeprefix('torch.')} is invalid on {device}: its kernels cannot "
+                          f"run it ({first}); use --dtype float32") from None
+
+
+def _cuda_has_bf16(device: torch.device) -> bool:
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def slow_dtype_note(dtype: torch.dtype, device: torch.device) -> str | None:
+    """A warning when `dtype` runs but slowly on `device` (bf16 or fp16 on a CPU without native
+    instructions for it, where torch converts element by element), else None."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    flags = cpu_flags()
+    if not flags:  # not known (no /proc/cpuinfo): say nothing rather than guess
+        return None
+    native = {torch.bfloat16: {"avx512_bf16", "amx_bf16", "bf16"}, torch.float16: {"avx512_fp16", "amx_fp16", "fphp"}}
+    if flags & native[dtype]:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return (f"{name} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native {name} instructions) is "
+            f"emulated and can be several times slower than float32; pass --dtype float32 to trade memory for speed")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`); empty when unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None,
+                     device: torch.device | None = None) -> tuple[int, int]:
     """Initialise the default process group from torchrun's environment (no-op when already done).
+    The backend follows `device` (default: `resolve_device("auto")`): nccl for CUDA, gloo for CPU.
     Returns (rank, world size)."""
     if not timeout_s or timeout_s <= 0:
         raise ConfigError(f"dist_timeout={timeout_s!r} is invalid: must be a positive number of seconds")
@@ -69,10 +165,12 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None =
     if missing:
         raise RuntimeError(f"torch.distributed environment variables {missing} are not set: launch with "
                            f"`torchrun --nproc-per-node N -m moge ...`")
+    if device is None:
+        device = resolve_device("auto")
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = backend_for(device)
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device if device.type == "cuda" else torch.device("cuda", local_rank()))
     with peer_failures_as_errors(timeout_s):
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     _remember_timeout(timeout_s)
