@@ -10,7 +10,8 @@ from models import make_model, tiny_config
 from moge.checkpoint import save_pretrained
 from moge.cli import main
 from moge.config import PRESETS
-from moge.parallel import H2P, ExpertParallel, load_parallel
+from moge.checkpoint.build import meta_model
+from moge.parallel import H2P, ExpertParallel, load_parallel, parallelize
 from moge.parallel.dryrun import rank_memory
 from moge.parallel.parallelize import offline_mesh
 from moge.sim.hardware import load_hardware
@@ -35,20 +36,22 @@ def test_dry_run_weights_are_what_loading_allocates(tmp_path, plan, world):
 
 def test_pangu_pro_moe_on_8_devices_agrees_with_the_simulator():
     """The paper's H2P layout on 8 devices (attention TP4 x DP2, experts TP2 x EP4, shared TP8), bf16,
-    4 sequences of 2048 tokens. The KV cache and every weight but the vocabulary matrices agree; the
-    simulator splits embed_tokens and lm_head over the 8 devices (vocab-parallel), while the runtime's
-    H2P keeps them whole on every rank: that 2.75 GB is the runtime's missing vocab parallelism."""
+    4 sequences of 2048 tokens: the whole weights of every rank (embed_tokens and lm_head split over
+    the 8 devices by vocabulary rows, as the simulator's vocab-parallel head) and the KV cache agree."""
     cfg = PRESETS["pangu-pro-moe"]
-    got = rank_memory(cfg, H2P(4, 2), 8, 0, dtype=torch.bfloat16, batch=4, context=2048)
-
     sim_plan = ParallelPlan(attn_tp=4, attn_dp=2, expert_tp=2, expert_ep=4, dense_tp=8, name="h2p")
     report = memory_report(cfg, load_hardware("ascend-800i-a2"), sim_plan, quant_scheme("bf16"), seqs=4,
                            cache_tokens_per_seq=2048, step_tokens_per_seq=1, logits_per_seq=1)
-    assert got.kv_cache_bytes == pytest.approx(report.kv_cache_bytes, rel=0.01)
-    vocab_whole = 2 * cfg.vocab_size * cfg.hidden_size * 2  # embed_tokens + lm_head, bf16, on every rank
-    sim_vocab = report.weights_detail["embedding"] + report.weights_detail["lm_head"]
-    assert got.weights_bytes - vocab_whole == pytest.approx(report.weights_bytes - sim_vocab, rel=0.01)
-    assert sim_vocab == pytest.approx(vocab_whole / 8)
+    vocab_per_rank = cfg.vocab_size // 8 * cfg.hidden_size * 2  # one vocabulary matrix's rows, bf16
+    assert report.weights_detail["embedding"] == report.weights_detail["lm_head"] == pytest.approx(vocab_per_rank)
+    for rank in (0, 7):
+        got = rank_memory(cfg, H2P(4, 2), 8, rank, dtype=torch.bfloat16, batch=4, context=2048)
+        assert got.weights_bytes == pytest.approx(report.weights_bytes, rel=0.01)
+        assert got.kv_cache_bytes == pytest.approx(report.kv_cache_bytes, rel=0.01)
+    model = meta_model(cfg)
+    parallelize(model, H2P(4, 2), offline_mesh(H2P(4, 2), 8, 7))
+    assert model.model.embed_tokens.weight.shape == model.lm_head.weight.shape == (cfg.vocab_size // 8, cfg.hidden_size)
+    assert model.global_slices["lm_head.weight"].pieces == ((slice(7 * cfg.vocab_size // 8, cfg.vocab_size),),)
 
 
 def test_cli_dry_run_prints_every_rank(capsys):

@@ -1,18 +1,25 @@
-"""The H2P hybrid layout (attention DP x TP, routed experts TP x EP, shared expert TP over all ranks) on
-real gloo process groups equals the single-process model, for prefill and cached decoding."""
+"""The H2P hybrid layout (attention DP x TP, routed experts TP x EP, shared expert TP over all ranks,
+embed_tokens and lm_head split by vocabulary rows over all ranks) on real gloo process groups equals
+the single-process model, for prefill and cached decoding."""
+
+import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_models import CFG, make_model
 
+from moge.checkpoint import save_pretrained
+from moge.checkpoint.partial import PartialSource
 from moge.degrees import check_hybrid
 from moge.nn.model import KVCache
-from moge.parallel import H2P, parallelize
+from moge.parallel import H2P, load_parallel, parallelize
 from moge.parallel.launch import spawn
+from moge.parallel.parallelize import VocabSlice, offline_mesh
 
 
-def _hybrid_worker(rank, world, attn_tp, expert_tp, router, batch, prompt, steps):
-    cfg = CFG.replace(router=router)
+def _hybrid_worker(rank, world, attn_tp, expert_tp, router, batch, prompt, steps, overrides=None):
+    cfg = CFG.replace(router=router, **(overrides or {}))
     model = make_model(cfg).eval()
     dp = world // attn_tp
     ids = torch.randint(0, cfg.vocab_size, (dp * batch, prompt + steps), generator=torch.Generator().manual_seed(3))
@@ -36,9 +43,78 @@ def _hybrid_worker(rank, world, attn_tp, expert_tp, router, batch, prompt, steps
     (2, 1, 2, "topk"),     # attention DP2, experts TP2
 ])
 def test_hybrid_layout_equals_single_process(world, attn_tp, expert_tp, router):
-    # batch 1, prompt 3: 3 tokens per DP group, not a multiple of attn_tp (padding), then 1-token decode steps
+    # batch 1, prompt 3: 3 tokens per DP group, not a multiple of attn_tp (padding), then 1-token decode steps;
+    # vocab_size 61 is divided by neither 2 nor 4 ranks (the last vocabulary block is short)
     errors = spawn(_hybrid_worker, world, attn_tp, expert_tp, router, 1, 3, 3)
     assert max(errors) < 1e-5
+
+
+def _vocab_cases_worker(rank, world, cases):
+    return [_hybrid_worker(rank, world, 2, 2, "grouped", 2, 3, 2, overrides) for overrides in cases]
+
+
+def test_vocabulary_split_over_the_world_equals_single_process():
+    cases = [dict(vocab_size=64, tie_word_embeddings=True),  # every rank 16 rows; one slice serves both
+             dict(vocab_size=9)]  # blocks of 3 rows: 3, 3, 3 and none on the last rank
+    for errors in spawn(_vocab_cases_worker, 4, cases):
+        assert max(errors) < 1e-5
+
+
+def _bf16_worker(rank, world, attn_tp, expert_tp):
+    """A bf16 H2P model still returns fp32 logits for its DP group, over the whole vocabulary, from the
+    bf16 weights (as the single-process model computes them: bf16 hidden states and weights, fp32 product)."""
+    model = make_model(CFG).eval()
+    whole = copy.deepcopy(model).to(torch.bfloat16)
+    hybrid = parallelize(model, H2P(attn_tp, expert_tp)).to(torch.bfloat16)
+    d = rank // attn_tp
+    h = torch.randn(world // attn_tp, 2, 3, CFG.hidden_size, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, CFG.vocab_size, (world // attn_tp, 2, 4), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = hybrid.lm_head(h[d].bfloat16())
+        want = F.linear(h[d].bfloat16().float(), whole.lm_head.weight.float())
+        out = hybrid(ids[d]).logits
+        ref = whole(ids[d]).logits
+    return {"head_dtype": str(logits.dtype), "head_error": float((logits - want).abs().max()),
+            "dtype": str(out.dtype), "shape": tuple(out.shape), "error": float((out - ref).abs().max()),
+            "scale": float(ref.abs().max())}
+
+
+def test_bf16_model_keeps_fp32_logits_over_the_whole_vocabulary():
+    for r in spawn(_bf16_worker, 2, 1, 2):  # attention DP2: each rank gets the other's logits too
+        assert r["head_dtype"] == r["dtype"] == "torch.float32"
+        assert r["shape"] == (2, 4, CFG.vocab_size)
+        assert r["head_error"] < 1e-5
+        assert r["error"] < 0.02 * r["scale"]  # bf16 partial sums meet in another order
+
+
+def test_a_rank_reads_its_vocabulary_rows_only(tmp_path, monkeypatch):
+    """Under H2P on 4 ranks each rank reads 1/4 of embed_tokens and of lm_head from the files (rows
+    [16 r, 16 r + 16) of a 64-token vocabulary), and every row is read by exactly one rank."""
+    cfg = CFG.replace(vocab_size=64)
+    save_pretrained(make_model(cfg), tmp_path, max_shard_bytes=20_000)
+    read = []
+    real = PartialSource._read_file
+
+    def counting(self, path, reads):
+        read.extend((key, src, dst.numel() * dst.element_size()) for key, src, dst in reads)
+        return real(self, path, reads)
+
+    monkeypatch.setattr(PartialSource, "_read_file", counting)
+    plan, whole = H2P(2, 2), cfg.vocab_size * cfg.hidden_size * 4
+    for rank in range(4):
+        read.clear()
+        local = load_parallel(tmp_path, plan, mesh=offline_mesh(plan, 4, rank))
+        for key in ("model.embed_tokens.weight", "lm_head.weight"):
+            (src,) = [s for k, s, _ in read if k == key]
+            assert src[0] == slice(16 * rank, 16 * rank + 16)
+            assert sum(b for k, _, b in read if k == key) == whole // 4
+        assert local.lm_head.weight.shape == local.model.embed_tokens.weight.shape == (16, cfg.hidden_size)
+
+
+def test_vocabulary_blocks_pad_logically():
+    blocks = [VocabSlice(61, 4, r) for r in range(4)]
+    assert [(b.start, b.stop, b.per) for b in blocks] == [(0, 16, 16), (16, 32, 16), (32, 48, 16), (48, 61, 16)]
+    assert [(b.start, b.stop) for b in (VocabSlice(9, 4, r) for r in range(4))] == [(0, 3), (3, 6), (6, 9), (9, 9)]
 
 
 def test_hybrid_layout_rejects_impossible_shapes():

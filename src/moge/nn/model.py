@@ -19,6 +19,8 @@ asserts except in eager CPU runs (see `check_range`). Callers validate at their 
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 
 from moge.errors import ConfigError
 from moge.config import ModelConfig
-from moge.nn.experts import linear
+from moge.nn.experts import SwiGLUExperts, linear
 from moge.nn.moe import Linear, MoGEBlock, SwiGLU
 from moge.nn.routing import RoutingResult
 
@@ -276,8 +278,7 @@ class PanguProMoEForCausalLM(nn.Module):
         h = self.model.norm(h)
         if logits_slice is not None:
             h = h[:, logits_slice]
-        logits = linear(h.float(), self.lm_head.weight.float()) if h.dtype != torch.float32 else self.lm_head(h)
-        return ModelOutput(logits, routings if return_routing else None, h, pre_norm)
+        return ModelOutput(self._logits(h), routings if return_routing else None, h, pre_norm)
 
     def mtp_forward(self, hidden_BSD: Tensor, next_ids: Tensor, *, module: int = 0, positions: Tensor | None = None,
                     cache: KVCache | None = None, attention_mask: Tensor | None = None,
@@ -310,8 +311,14 @@ class PanguProMoEForCausalLM(nn.Module):
         h = mtp.norm(h)
         if logits_slice is not None:
             h = h[:, logits_slice]
-        logits = linear(h.float(), self.lm_head.weight.float()) if h.dtype != torch.float32 else self.lm_head(h)
-        return ModelOutput(logits, [routing] if return_routing else None, h, pre_norm)
+        return ModelOutput(self._logits(h), [routing] if return_routing else None, h, pre_norm)
+
+    def _logits(self, h: Tensor) -> Tensor:
+        """fp32 logits of the normed hidden states. An lm_head that makes them itself (`fp32_logits`:
+        a parallel plan's vocabulary-parallel head, whose weight is only a slice) gets h as it is."""
+        if h.dtype == torch.float32 or getattr(self.lm_head, "fp32_logits", False):
+            return self.lm_head(h)
+        return linear(h.float(), self.lm_head.weight.float())
 
     @staticmethod
     def _valid_tokens(B: int, S: int, past: int, attention_mask: Tensor | None, cache, device) -> Tensor:
@@ -350,20 +357,18 @@ class PanguProMoEForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> "PanguProMoEForCausalLM":
-        """GPT-style initialisation for training from scratch: normal(0, std) matrices, zero biases,
-        unit norms and router_scale; projections that write into the residual stream (o_proj,
-        down_proj) scaled by 1/sqrt(2 * layers) so the residual variance does not grow with depth."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        out_std = std / (2 * self.config.num_layers) ** 0.5
-        # MTP parameters last, so the trunk gets the same values with or without an MTP module
-        for name, p in sorted(self.named_parameters(), key=lambda item: ".mtp." in item[0]):
-            if name.endswith("router_scale") or name.endswith("norm.weight") or "layernorm" in name:
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                s = out_std if ("o_proj" in name or "down_proj" in name) else std
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(s))
+        """GPT-style initialisation for training from scratch (see `initial_tensor`). Every parameter
+        comes from its own generator, seeded by (seed, name), and every routed expert of a stacked
+        expert tensor from (seed, name, expert): a rank of a parallel run makes exactly its share of
+        these values without the rest (moge.train.model). Without `seed` one is drawn from torch's
+        global generator."""
+        if seed is None:
+            seed = int(torch.randint(2**62, ()))
+        stacked = {id(p) for m in self.modules() if isinstance(m, SwiGLUExperts) for p in m.parameters()}
+        for name, p in self.named_parameters():
+            experts = range(p.shape[0]) if id(p) in stacked else None
+            p.copy_(initial_tensor(name, p.shape, std=std, num_layers=self.config.num_layers, seed=seed,
+                                   experts=experts))
         return self
 
     def allocate_cache(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
@@ -411,3 +416,32 @@ def attention_inputs(cfg: ModelConfig, B: int, S: int, positions: Tensor | None,
     mask = PanguProMoEForCausalLM._attention_mask(S, past, valid_BT, padded)
     cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta, cfg.max_position_embeddings)
     return past, valid_BT, mask, cos, sin
+
+
+def _generator(seed: int, *key: object) -> torch.Generator:
+    """A generator seeded by a hash of (seed, *key): independent streams per parameter / expert."""
+    digest = hashlib.sha256(repr((seed, *key)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def initial_tensor(name: str, shape: Sequence[int], *, std: float, num_layers: int, seed: int,
+                   experts: range | None = None) -> Tensor:
+    """The fp32 initial value of parameter `name` (single-process name and `shape`) of a model
+    trained from scratch: normal(0, std) matrices, zero biases, unit norms and router_scale;
+    projections that write into the residual stream (o_proj, down_proj) scaled by
+    1/sqrt(2 * num_layers) so the residual variance does not grow with depth.
+    `experts`: `name` is a stack of routed experts along dim 0 and only these experts' rows are
+    made, each expert's block from its own generator, so any range of experts equals the same rows
+    of the whole stack bit for bit."""
+    rows = tuple(shape) if experts is None else (len(experts), *shape[1:])
+    if name.endswith("router_scale") or name.endswith("norm.weight") or "layernorm" in name:
+        return torch.ones(rows)
+    if name.endswith(".bias"):
+        return torch.zeros(rows)
+    s = std / (2 * num_layers) ** 0.5 if ("o_proj" in name or "down_proj" in name) else std
+    if experts is None:
+        return torch.randn(rows, generator=_generator(seed, name)).mul_(s)
+    out = torch.empty(rows)
+    for i, e in enumerate(experts):
+        out[i] = torch.randn(rows[1:], generator=_generator(seed, name, e)).mul_(s)
+    return out

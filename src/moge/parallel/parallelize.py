@@ -13,17 +13,23 @@ slices parameters and swaps components, as torchtitan's `parallelize_*` function
 
 H2P's communication, per layer, as the paper rewrites it (T tokens of one DP group):
 
-    embed_tokens   -> this rank's 1/attn_tp of its DP group's tokens (padded to a multiple)
+    embed_tokens   vocabulary rows split over all W ranks: the ids of every DP group all-gathered,
+                   looked up in this rank's rows, one reduce-scatter over all W ranks -> this
+                   rank's 1/attn_tp of its DP group's tokens (padded to a multiple)
     input_layernorm  RMSNorm on the shard, then all-gather over the attention TP group
     self_attn      this rank's heads; o_proj's output reduce-scattered over the TP group
     mlp            (dispatcher) all-gather over all W ranks -> router -> this rank's experts'
                    F-slice + the shared expert's F-slice -> one reduce-scatter over all W ranks,
                    which leaves exactly this rank's shard (the next layer's attention input)
-    norm           RMSNorm on the shard, then all-gather over the TP group -> lm_head
+    norm           RMSNorm on the shard, then all-gather over the TP group
+    lm_head        vocabulary rows split over all W ranks: every DP group's normed positions
+                   all-gathered, this rank's vocabulary block of their fp32 logits, one all-to-all
+                   -> each rank its DP group's logits over the whole vocabulary
 
-Each step is a module swapped into the same model: `ShardTokens` (embedding), `GatheredRMSNorm`,
-`ReduceScatterLinear` (o_proj) and the `AllGatherDispatcher`. Token counts must be equal on all DP
-groups (pad the batch). The MTP modules are not split (speculative decoding runs in one process).
+Each step is a module swapped into the same model: `VocabParallelEmbedding`, `GatheredRMSNorm`,
+`ReduceScatterLinear` (o_proj), the `AllGatherDispatcher` and `VocabParallelLMHead` (a tied pair
+shares one slice). Token counts must be equal on all DP groups (pad the batch). The MTP modules
+are not split (speculative decoding runs in one process).
 The tensor-parallel pieces are explicit slices with functional collectives: the residual stream's
 layout (rows shared out over ranks, padding included, reduce-scattered) is the paper's, and plain
 slices keep the numbers identical to the single-process model's.
@@ -42,16 +48,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moge.checkpoint.partial import GlobalSlice
 from moge.config import ModelConfig
 from moge.degrees import check_expert_parallel, check_hybrid
 from moge.errors import ConfigError, DistributedError
-from moge.nn.experts import SwiGLUExperts
+from moge.nn.experts import SwiGLUExperts, linear
 from moge.nn.model import Attention, PanguProMoEForCausalLM, RMSNorm
 from moge.nn.moe import Linear, LocalDispatcher, MoGEBlock
-from moge.parallel.comm import all_gather, reduce_scatter
+from moge.parallel.comm import all_gather, all_to_all, reduce_scatter
 from moge.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
 from moge.parallel.mesh import ExpertParallelMesh, H2PMesh
 from moge.parallel.quantized import ReduceScatterQuantLinear, is_quantized_module, quant_experts_slice, quant_rows
@@ -208,29 +215,97 @@ class _TokenShard:
         self.tp, self.tp_rank, self.group = tp, tp_rank, group
         self.batch = self.seq = 0
 
-    def shard(self, x_TD: Tensor) -> Tensor:
-        pad = (-x_TD.shape[0]) % self.tp
-        if pad:
-            x_TD = torch.cat([x_TD, x_TD.new_zeros(pad, x_TD.shape[1])])
-        return x_TD.chunk(self.tp)[self.tp_rank]
-
     def gather(self, shard_TD: Tensor) -> Tensor:
         full = all_gather(shard_TD, self.group) if self.tp > 1 else shard_TD
         return full[:self.batch * self.seq].view(self.batch, self.seq, shard_TD.shape[-1])
 
 
-class ShardTokens(nn.Embedding):
-    """The embedding (same weight) followed by keeping this rank's rows of the token shard."""
+class VocabSlice:
+    """This rank's rows of the vocabulary: block `rank` of `world` blocks of ceil(V / W) rows. The
+    vocabulary is padded logically to a multiple of W (no padding rows exist anywhere): the last
+    blocks hold fewer real rows, or none, and their missing logits are cut off after the exchange."""
 
-    def __init__(self, embedding: nn.Embedding, layout: _TokenShard):
-        super().__init__(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
-                         _weight=embedding.weight)
-        self.weight = embedding.weight  # the same Parameter: a tied lm_head stays tied
-        self.layout = layout
+    def __init__(self, vocab: int, world: int, rank: int):
+        self.vocab, self.world = vocab, world
+        self.per = -(-vocab // world)
+        self.start = min(rank * self.per, vocab)
+        self.stop = min(self.start + self.per, vocab)
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+def _one_per_dp_group(x: Tensor, layout: _TokenShard, world: int, group) -> Tensor:
+    """Every rank's `x` (equal shapes), all-gathered over the world, with one copy per attention DP
+    group (the TP ranks of a group hold the same rows): [dp * rows, ...] in DP-group order."""
+    everyone = all_gather(x, group)
+    return everyone.view(world // layout.tp, layout.tp, *x.shape)[:, 0].reshape(-1, *x.shape[1:])
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Embedding over all W ranks by vocabulary rows (`VocabSlice`), leaving each rank its rows of the
+    H2P residual stream. The ids of every DP group are all-gathered; this rank embeds those in its
+    rows (zeros elsewhere, and for the padding rows of the token shard); one reduce-scatter over the
+    world sums the W partial embeddings (one non-zero term each: exact) and hands rank r = (DP
+    group g, TP rank t) block r of the [dp * padded tokens] stack: exactly block t of group g's
+    tokens, the residual layout of `_TokenShard`."""
+
+    def __init__(self, weight: nn.Parameter, vocab: VocabSlice, layout: _TokenShard, group):
+        super().__init__(weight.shape[0], weight.shape[1], _weight=weight)
+        self.weight = weight  # the same Parameter as a tied lm_head's
+        self.vocab, self.layout, self.group = vocab, layout, group
 
     def forward(self, input_ids: Tensor) -> Tensor:
         self.layout.batch, self.layout.seq = input_ids.shape
-        return self.layout.shard(super().forward(input_ids).reshape(-1, self.embedding_dim))
+        ids_T = input_ids.reshape(-1)
+        pad = (-ids_T.shape[0]) % self.layout.tp
+        if pad:  # id -1 is in no rank's rows: the padding rows embed to zeros
+            ids_T = torch.cat([ids_T, ids_T.new_full((pad,), -1)])
+        world = self.vocab.world
+        if world > 1:
+            ids_T = _one_per_dp_group(ids_T, self.layout, world, self.group)
+        local_T = ids_T - self.vocab.start
+        inside_T = (local_T >= 0) & (local_T < self.num_embeddings)
+        if self.num_embeddings:
+            x_TD = F.embedding(local_T.masked_fill(~inside_T, 0), self.weight).masked_fill(~inside_T[:, None], 0)
+        else:  # a block of the logical padding: no real rows
+            x_TD = self.weight.new_zeros(ids_T.shape[0], self.embedding_dim)
+        return reduce_scatter(x_TD, self.group) if world > 1 else x_TD
+
+
+class VocabParallelLMHead(Linear):
+    """lm_head over all W ranks by vocabulary rows (`VocabSlice`). The normed hidden states (the
+    positions `logits_slice` kept) of every DP group are all-gathered; this rank computes its
+    vocabulary block of their fp32 logits; one all-to-all over the world sends each rank its DP
+    group's rows, so it returns that group's full [.., V] logits, as the single-process model does."""
+
+    fp32_logits = True  # PanguProMoEForCausalLM hands h over in any dtype
+
+    def __init__(self, weight: nn.Parameter, vocab: VocabSlice, layout: _TokenShard, group):
+        with torch.device("meta"):  # (at least one row: torch's init warns on an empty one)
+            super().__init__(weight.shape[1], max(weight.shape[0], 1), bias=False)
+        self.weight, self.out_features = weight, weight.shape[0]  # the same Parameter as a tied embedding's
+        self.vocab, self.layout, self.group = vocab, layout, group
+
+    def forward(self, h: Tensor) -> Tensor:
+        v, world = self.vocab, self.vocab.world
+        x_TD = h.reshape(-1, h.shape[-1])
+        T = x_TD.shape[0]
+        if world > 1:
+            x_TD = _one_per_dp_group(x_TD, self.layout, world, self.group)  # [dp * T, D]
+        w = self.weight
+        if x_TD.dtype != torch.float32:
+            x_TD, w = x_TD.float(), w.float()
+        logits_TV = linear(x_TD, w)
+        if logits_TV.shape[1] < v.per:
+            logits_TV = F.pad(logits_TV, (0, v.per - logits_TV.shape[1]))
+        if world > 1:  # rank q gets its DP group's rows of every rank's block, in rank order
+            dp, tp = world // self.layout.tp, self.layout.tp
+            send = logits_TV.view(dp, 1, T, v.per).expand(dp, tp, T, v.per).reshape(world * T, v.per)
+            got = all_to_all(send, [T] * world, [T] * world, self.group)
+            logits_TV = got.view(world, T, v.per).transpose(0, 1).reshape(T, world * v.per)
+        return logits_TV[:, :v.vocab].reshape(*h.shape[:-1], v.vocab)
 
 
 class GatheredRMSNorm(RMSNorm):
@@ -315,7 +390,12 @@ def _h2p(model: nn.Module, plan: H2P, mesh: H2PMesh | None) -> nn.Module:
     layout = _TokenShard(plan.attn_tp, mesh.attn_rank, mesh.attn_group)
     slicer = _Slicer(model)
     inner = model.model
-    inner.embed_tokens = ShardTokens(inner.embed_tokens, layout)
+    vocab = VocabSlice(cfg.vocab_size, mesh.world, mesh.rank)
+    tied = model.lm_head.weight is inner.embed_tokens.weight
+    embed_weight = slicer.take(inner.embed_tokens.weight, [(vocab.rows,)])
+    head_weight = embed_weight if tied else slicer.take(model.lm_head.weight, [(vocab.rows,)])
+    inner.embed_tokens = VocabParallelEmbedding(embed_weight, vocab, layout, mesh.world_group)
+    model.lm_head = VocabParallelLMHead(head_weight, vocab, layout, mesh.world_group)
     inner.norm = GatheredRMSNorm(inner.norm, layout)
     r, expert_rank, expert_tp_rank = mesh.rank, mesh.rank // plan.expert_tp, mesh.rank % plan.expert_tp
     per = cfg.num_experts // ep
