@@ -7,11 +7,10 @@ well under what one process needs for the whole model, and the logits equal the 
 model's."""
 
 import copy
-import os
-import resource
 
 import pytest
 import torch
+from memory import reset_peak, rss_kib
 from models import make_model, smallest_config, tiny_config
 
 from moge.checkpoint import CheckpointError, load_pretrained, save_pretrained, save_quantized
@@ -90,7 +89,7 @@ def test_a_rank_reads_only_its_experts(tmp_path, monkeypatch):
     assert {k.split(".experts.")[1].split(".")[0] for k, _ in read if ".mlp.experts." in k} == {"2", "3"}
 
 
-def test_pickle_and_quantized_checkpoints_are_refused(tmp_path):
+def test_pickle_checkpoints_are_refused_and_quantized_ones_load(tmp_path):
     model = make_model(CFG)
     save_pretrained(model, tmp_path / "float")
     pickled = tmp_path / "pickled"
@@ -103,8 +102,9 @@ def test_pickle_and_quantized_checkpoints_are_refused(tmp_path):
     quantized = copy.deepcopy(model)
     quantize_model(quantized)
     save_quantized(quantized, tmp_path / "w8a8")
-    with pytest.raises(CheckpointError, match="quantized"):
-        load_parallel(tmp_path / "w8a8", plan, mesh=offline_mesh(plan, 2, 0))
+    # W8A8 is read in slices too (bit-exactness: tests/quant/test_quant_parallel.py)
+    got = load_parallel(tmp_path / "w8a8", plan, mesh=offline_mesh(plan, 2, 0))
+    assert got.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.int8
 
 
 # ---- memory on real ranks --------------------------------------------------------------------------
@@ -112,23 +112,6 @@ def test_pickle_and_quantized_checkpoints_are_refused(tmp_path):
 # experts are ~95% of the bytes: 3 layers x 8 experts x 3 x 256 x 1024 fp32 = 75 MB of 80 MB
 BIG = tiny_config(vocab_size=256, hidden_size=256, num_heads=4, num_kv_heads=2, num_experts=8, num_groups=4,
                   top_k=4, expert_intermediate_size=1024, shared_expert_intermediate_size=128, num_layers=3)
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _reset_peak() -> None:
-    """Make the peak (VmHWM) restart from the current RSS (Linux: clear_refs 5)."""
-    try:
-        with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def _memory_worker(rank, world, directory, plan):
@@ -142,15 +125,15 @@ def _memory_worker(rank, world, directory, plan):
         warm = make_model(smallest_config())
         warm(ids[:, :4] % warm.config.vocab_size)
     del warm
-    _reset_peak()
-    baseline = _rss_kib("VmRSS")
+    reset_peak()
+    baseline = rss_kib("VmRSS")
     with torch.no_grad():
         if plan is None:
             model = load_pretrained(directory).eval()
         else:
             model = load_parallel(directory, plan).eval()
         logits = model(ids).logits
-    return {"peak_above_baseline": (_rss_kib("VmHWM") - baseline) * 1024, "logits": logits}
+    return {"peak_above_baseline": (rss_kib("VmHWM") - baseline) * 1024, "logits": logits}
 
 
 @pytest.mark.parametrize("plan", [ExpertParallel(2), H2P(2, 1)], ids=["ep2", "h2p-tp2-ep2"])

@@ -13,11 +13,14 @@ misshapen tensor, wrong dtype, scales that are not finite and positive, int8 val
 -127..127, a truncated file) raises CheckpointError naming the field or tensor and the value.
 The loader builds and completes its model with the same helpers as the float loader
 (moge.checkpoint.build, moge.checkpoint.files); `moge.checkpoint.load_pretrained` picks between them.
+`QuantizedCheckpoint` is the checked description of the files that both the whole loader here and
+the sharded one (moge.checkpoint.partial, one rank's share through get_slice) start from.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +32,7 @@ from moge.checkpoint.build import (add_expert_bias_where_saved, meta_model, rebu
 from moge.checkpoint.files import (
     CONFIG_NAME,
     INDEX_NAME,
+    Headers,
     SINGLE_FILE_NAME,
     MissingCheckpointFileError,
     listing,
@@ -36,9 +40,11 @@ from moge.checkpoint.files import (
     read_safetensors,
     safetensors_headers,
 )
+from moge.config import ModelConfig
 from moge.errors import CheckpointError, ConfigError
 from moge.io import atomic_write_bytes, atomic_write_text
 from moge.nn.experts import SwiGLUExperts
+from moge.nn.model import PanguProMoEForCausalLM
 from moge.quant.experts import QuantExperts
 from moge.quant.int8 import QMAX, QuantLinear
 
@@ -145,56 +151,89 @@ def _swap_modules(model: nn.Module, linear: list[str], experts: list[str]) -> No
             setattr(modules[parent_name] if parent_name else model, attr, make(module))
 
 
+@dataclass(frozen=True)
+class QuantizedCheckpoint:
+    """A quantized checkpoint checked against its config.json before a byte of weights is read:
+    its file, config, tensor headers, and which keys belong to quantized modules (int8 weights,
+    fp32 scales and biases: their dtype is fixed, never converted). Shared by the whole loader
+    below and the sharded one (moge.checkpoint.partial), so both accept and refuse the same files."""
+
+    path: Path  # the single model.safetensors
+    config: ModelConfig
+    found: Headers
+    quant_keys: frozenset[str]
+    linear: tuple[str, ...]
+    experts: tuple[str, ...]
+
+    @classmethod
+    def open(cls, directory: str | Path) -> QuantizedCheckpoint:
+        directory = Path(directory)
+        cfg = read_config(directory)
+        linear, experts = _check_config(cfg.extra.get("quantization_config"), directory / CONFIG_NAME)
+        path = directory / SINGLE_FILE_NAME
+        if not path.is_file():
+            raise MissingCheckpointFileError(f"{path} is missing: a quantized checkpoint keeps its weights in "
+                                             f"{SINGLE_FILE_NAME}")
+        found = safetensors_headers(path)
+        out = cls(path, cfg, found, frozenset(), tuple(linear), tuple(experts))
+        model = out.meta_model()
+        expected = out.expected(model)
+        problems = []
+        missing = [k for k in expected if k not in found]
+        if missing:
+            problems.append(f"missing tensors ({len(missing)}): {listing(missing)}")
+        unexpected = [k for k in found if k not in expected]
+        if unexpected:
+            problems.append(f"unexpected tensors ({len(unexpected)}): {listing(unexpected)}")
+        bad = []
+        quant_keys = set()
+        for key, t in expected.items():
+            if key not in found:
+                continue
+            shape, file_dtype = found[key]
+            if shape != tuple(t.shape):
+                bad.append(f"{key}: expected shape {list(t.shape)}, found {list(shape)}")
+            elif t.dtype in (torch.int8, torch.float32) and _is_quant_tensor(key, t, model):
+                quant_keys.add(key)
+                if file_dtype != t.dtype:
+                    bad.append(f"{key}: expected dtype {t.dtype}, found {file_dtype}")
+            elif file_dtype is None or not file_dtype.is_floating_point:
+                bad.append(f"{key}: expected a floating-point dtype, found {file_dtype}")
+        if bad:
+            problems.append(f"shape/dtype mismatches ({len(bad)}): {listing(bad, sep='; ')}")
+        if problems:
+            raise CheckpointError(f"quantized checkpoint {directory} does not match its config:\n  "
+                                  + "\n  ".join(problems))
+        return replace(out, quant_keys=frozenset(quant_keys))
+
+    def meta_model(self) -> PanguProMoEForCausalLM:
+        """The model these files fill, on the meta device: quantized modules where
+        quantization_config lists them, an aux-loss-free router wherever a bias is saved."""
+        model = meta_model(self.config)
+        add_expert_bias_where_saved(model, self.found)
+        _swap_modules(model, list(self.linear), list(self.experts))
+        return model
+
+    def expected(self, model: nn.Module) -> dict[str, Tensor]:
+        """The model's state dict as the file holds it (a tied lm_head is not saved)."""
+        return {k: t for k, t in model.state_dict().items()
+                if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
+
+
 def load_quantized(directory: str | Path, *, dtype: torch.dtype | str | None = None,
                    device: torch.device | str = "cpu"):
     """Load a directory written by `save_quantized` (or `moge quantize`) into a runnable model.
 
     `dtype` converts the floating-point tensors that are not part of the quantization
     (embeddings, norms, router, lm_head); int8 weights, their scales and biases keep theirs."""
-    directory = Path(directory)
     target = resolve_dtype(dtype)
-    cfg = read_config(directory)
-    linear, experts = _check_config(cfg.extra.get("quantization_config"), directory / CONFIG_NAME)
-    path = directory / SINGLE_FILE_NAME
-    if not path.is_file():
-        raise MissingCheckpointFileError(f"{path} is missing: a quantized checkpoint keeps its weights in "
-                                         f"{SINGLE_FILE_NAME}")
-    found = safetensors_headers(path)
-    model = meta_model(cfg)
-    add_expert_bias_where_saved(model, found)
-    _swap_modules(model, linear, experts)
-    expected = {k: t for k, t in model.state_dict().items()
-                if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    problems = []
-    missing = [k for k in expected if k not in found]
-    if missing:
-        problems.append(f"missing tensors ({len(missing)}): {listing(missing)}")
-    unexpected = [k for k in found if k not in expected]
-    if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {listing(unexpected)}")
-    bad = []
-    quant_keys = set()
-    for key, t in expected.items():
-        if key not in found:
-            continue
-        shape, file_dtype = found[key]
-        if shape != tuple(t.shape):
-            bad.append(f"{key}: expected shape {list(t.shape)}, found {list(shape)}")
-        elif t.dtype in (torch.int8, torch.float32) and _is_quant_tensor(key, t, model):
-            quant_keys.add(key)
-            if file_dtype != t.dtype:
-                bad.append(f"{key}: expected dtype {t.dtype}, found {file_dtype}")
-        elif file_dtype is None or not file_dtype.is_floating_point:
-            bad.append(f"{key}: expected a floating-point dtype, found {file_dtype}")
-    if bad:
-        problems.append(f"shape/dtype mismatches ({len(bad)}): {listing(bad, sep='; ')}")
-    if problems:
-        raise CheckpointError(f"quantized checkpoint {directory} does not match its config:\n  "
-                              + "\n  ".join(problems))
+    ckpt = QuantizedCheckpoint.open(directory)
+    cfg = ckpt.config
+    model = ckpt.meta_model()
     tensors: dict[str, Tensor] = {}
-    for key, value in read_safetensors(path, list(expected)):
-        if key in quant_keys:
-            _check_values(key, value, path)
+    for key, value in read_safetensors(ckpt.path, list(ckpt.expected(model))):
+        if key in ckpt.quant_keys:
+            check_quantized_values(key, value, ckpt.path)
         elif target is not None and value.is_floating_point():
             value = value.to(target)
         tensors[key] = value.to(device)
@@ -214,7 +253,9 @@ def _is_quant_tensor(key: str, t: Tensor, model: nn.Module) -> bool:
     return isinstance(module, (QuantLinear, QuantExperts))
 
 
-def _check_values(key: str, value: Tensor, path: Path) -> None:
+def check_quantized_values(key: str, value: Tensor, path: Path) -> None:
+    """Refuse int8 values outside -QMAX..QMAX, scales that are not finite and positive, and NaN/Inf
+    elsewhere (`value` may be any slice of the tensor `key`: the sharded loader checks what it reads)."""
     if value.dtype == torch.int8:
         if value.numel() and int(value.min()) < -QMAX:
             raise CheckpointError(f"{path}: {key} holds the int8 value {int(value.min())}, outside -{QMAX}..{QMAX}: "

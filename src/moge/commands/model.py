@@ -157,21 +157,18 @@ def _plan(parallel: str, args: argparse.Namespace, world: int):
 
 
 def _load(args: argparse.Namespace, parallel: str | None):
-    """The model, or under torchrun this rank's share of it. A float safetensors checkpoint is read
-    rank by rank (each reads only what it hosts); a quantized or pickle one cannot be read in slices,
-    so it is loaded whole and then split."""
-    from moge.checkpoint import is_quantized_checkpoint, load_pretrained
+    """The model, or under torchrun this rank's share of it, read rank by rank from the safetensors
+    files (float or W8A8): each rank reads only what it hosts."""
+    from moge.checkpoint import load_pretrained
 
     placement = _placement(args)
     if parallel is None:
         return load_pretrained(args.model, **placement).eval()
     import torch.distributed as dist
 
-    from moge.parallel import load_parallel, parallelize
+    from moge.parallel import load_parallel
 
     plan = _plan(parallel, args, dist.get_world_size())
-    if is_quantized_checkpoint(args.model):
-        return parallelize(load_pretrained(args.model, **placement), plan).eval()
     return load_parallel(args.model, plan, **placement).eval()
 
 

@@ -3,7 +3,9 @@
 The model is built on the meta device, `parallelize` slices it there (shapes only) and records
 which part of which single-process tensor every local tensor holds; `moge.checkpoint.partial`
 then reads exactly those parts from the safetensors shards. The result equals
-`parallelize(load_pretrained(directory), plan)` on every rank.
+`parallelize(load_pretrained(directory), plan)` on every rank, for float and W8A8 checkpoints
+alike (a W8A8 model is built with its quantized modules before the plan slices it, so a rank reads
+its rows of the int8 weights and of their scales).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moge.checkpoint.build import add_expert_bias_where_saved, meta_model, rebuild_non_persistent_buffers, resolve_dtype
+from moge.checkpoint.build import rebuild_non_persistent_buffers, resolve_dtype
 from moge.checkpoint.partial import PartialSource
 from moge.nn.model import PanguProMoEForCausalLM
 from moge.parallel.mesh import ExpertParallelMesh, H2PMesh
@@ -23,13 +25,13 @@ from moge.parallel.parallelize import H2P, ExpertParallel, parallelize
 def load_parallel(directory: str | Path, plan: ExpertParallel | H2P, *, dtype: torch.dtype | str | None = None,
                   device: torch.device | str = "cpu",
                   mesh: ExpertParallelMesh | H2PMesh | None = None) -> PanguProMoEForCausalLM:
-    """This rank's share of the float safetensors checkpoint in `directory` under `plan`, on
-    `device`, in `dtype` (default: the files' dtype). Collective like `parallelize` (its groups are
-    created here unless `mesh` is given). Pickle and quantized checkpoints raise CheckpointError."""
+    """This rank's share of the safetensors checkpoint (float or W8A8) in `directory` under `plan`,
+    on `device`, in `dtype` (default: the files' dtype; a W8A8 model's int8 weights, scales and
+    biases always keep theirs). Collective like `parallelize` (its groups are created here unless
+    `mesh` is given). Pickle checkpoints raise CheckpointError."""
     source = PartialSource.open(directory)
     target = resolve_dtype(dtype)
-    model = meta_model(source.config)
-    add_expert_bias_where_saved(model, source.source.found)
+    model = source.meta_model()
     parallelize(model, plan, mesh)
     load_shards(model, source, dtype=target, device=device)
     return model
