@@ -284,7 +284,7 @@ def test_sampled_tokens_follow_the_target_distribution(sampling, num_draft, rows
     about bound / 3 in total variation, while wrong rules move at least one marginal by more
     (keeping every draft: 0.3 and up; resampling from p instead of norm(max(0, p - q)): 0.07 and up;
     the bonus token from the residual: 0.03)."""
-    model = make_model(SMALL, std=1.0)
+    model = make_model(SMALL, std=1.0, seed=7)  # a seed whose MTP module's drafts are neither always nor never kept
     prompt, new = [1, 2, 3], 4
     exact = _exact_marginals(model, prompt, new, sampling)
     seeded = Sampling(sampling.temperature, sampling.top_k, sampling.top_p, seed=11)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from memory import reset_peak, rss_kib
 
 from moge.checkpoint import load_pretrained
 from moge.config import PRESETS
@@ -382,3 +383,50 @@ def test_a_rank_dying_during_the_save_is_a_clear_error_and_commits_nothing(corpu
     assert not (root / "step-000002").exists()  # the half-written staging directory was never committed
     resumed = Trainer(dataclasses.replace(cfg, expert_parallel=1), load_data(cfg), log=lambda _m: None)
     assert resumed.resume() and resumed.step == 1
+
+
+# ---- a fresh start never makes the whole model ---------------------------------------------------
+
+def _fresh_start_worker(rank, world, cfg_dict):
+    """Peak RSS above the runtime baseline while the Trainer builds and initialises this rank's model,
+    and this rank's initial expert tensors of layer 0."""
+    from models import smallest_config
+
+    from moge.train.model import build_model
+
+    cfg = TrainConfig(**cfg_dict)
+    data = load_data(cfg)
+    # the baseline: torch, the process group, the corpus, and the kernels' first-call state (meta and
+    # CPU), warmed by building a 4-expert model the same way
+    build_model(smallest_config(), TrainConfig())
+    reset_peak()  # the peak (VmHWM) restarts from the current RSS
+    baseline = rss_kib("VmRSS")
+    trainer = Trainer(cfg, data, log=lambda _m: None)
+    peak = (rss_kib("VmHWM") - baseline) * 1024
+    experts = trainer.model.model.layers[0].mlp.experts
+    return {"peak_above_baseline": peak, "gate_up": experts.gate_up_proj.detach().clone(),
+            "down": experts.down_proj.detach().clone(),
+            "q": trainer.model.model.layers[0].self_attn.q_proj.weight.detach().clone()}
+
+
+def test_fresh_expert_parallel_start_makes_only_its_share(corpus, tmp_path):
+    """Each EP=2 rank initialises only its experts (bit for bit the single process's rows) and peaks at
+    well under what one process needs for the whole model. Experts are ~97% of this model's ~310 MB
+    (big enough that the process groups' own 10-20 MB, made after the baseline, stay small beside it:
+    with ~160 MB one rank measured 0.66x on a loaded machine)."""
+    model = tmp_path / "experts-heavy.json"
+    from models import tiny_config
+
+    tiny_config(vocab_size=300, hidden_size=256, num_heads=4, num_kv_heads=2, num_experts=8, num_groups=4,
+                top_k=4, expert_intermediate_size=3072, shared_expert_intermediate_size=128,
+                num_layers=4).to_json(model)
+    one = _cfg(corpus, tmp_path / "one", model=str(model))
+    (single,) = spawn(_fresh_start_worker, 1, dataclasses.asdict(one))
+    ranks = spawn(_fresh_start_worker, 2, dataclasses.asdict(dataclasses.replace(one, expert_parallel=2)))
+    for key in ("gate_up", "down"):
+        assert torch.equal(torch.cat([r[key] for r in ranks]), single[key])
+    assert all(torch.equal(r["q"], single["q"]) for r in ranks)
+    whole = single["peak_above_baseline"]
+    assert whole > 280e6  # the whole model (~310 MB fp32) was measured
+    for r in ranks:
+        assert r["peak_above_baseline"] <= 0.65 * whole, (r["peak_above_baseline"], whole)

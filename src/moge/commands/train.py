@@ -95,6 +95,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each rank's memory (weights, gradients, AdamW state, activations of one micro-batch) "
+                        "for --world ranks and --expert-parallel, from the model on the meta device: nothing is "
+                        "trained, no processes are started")
+    p.add_argument("--world", type=int, default=1, help="--dry-run: number of ranks (processes)")
     add_train_arguments(p)
     p.set_defaults(func=run_train)
 
@@ -153,6 +158,8 @@ def run_train(args: argparse.Namespace) -> int:
     )
 
     cfg = train_config_from_args(args)
+    if args.dry_run:
+        return _dry_run(args, cfg)
     device = resolve_device(cfg.device)  # a device that does not exist fails here, before any process group
     distributed = launched_by_torchrun()
     rank = init_distributed(cfg.dist_timeout, device=device)[0] if distributed else 0
@@ -165,6 +172,41 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         if distributed:
             shutdown()
+
+
+def _dry_run(args: argparse.Namespace, cfg: TrainConfig) -> int:
+    """Per-rank memory of the run from the sharding code itself (moge.train.dryrun). The vocabulary is
+    the corpus's when --data holds one, otherwise the model config's."""
+    from moge.config import load_model_config
+    from moge.errors import MissingFileError, bad_value
+    from moge.train.data import load_data
+    from moge.train.dryrun import ACTIVATIONS_COUNTED, train_dry_run
+    from moge.train.model import model_config_for
+
+    if args.world < 1:
+        raise bad_value("world", args.world, "must be a positive integer")
+    try:
+        data = load_data(cfg)
+        model_cfg, vocab = model_config_for(cfg, data.vocab_size, data.eos_id, data.pad_id), f"corpus {cfg.data}"
+    except MissingFileError:
+        model_cfg, vocab = load_model_config(cfg.model), "model config (no corpus at --data)"
+    ranks = train_dry_run(cfg, model_cfg, args.world)
+    out = {"model": cfg.model, "world": args.world, "expert_parallel": cfg.expert_parallel,
+           "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "vocab_size": model_cfg.vocab_size,
+           "vocab_from": vocab, "dtype": "float32", "ranks": [r.as_dict() for r in ranks],
+           "activations": ACTIVATIONS_COUNTED}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{cfg.model} trained on {args.world} ranks, expert parallel {cfg.expert_parallel}, fp32, micro-batch "
+          f"{cfg.batch_size} x {cfg.seq_len} tokens over all ranks (vocabulary {model_cfg.vocab_size}, from the "
+          f"{vocab}):")
+    for r in ranks:
+        print(f"  rank {r.rank}: weights {r.weights_bytes / 1e9:.3f} GB (experts {r.expert_weights_bytes / 1e9:.3f}), "
+              f"gradients {r.gradient_bytes / 1e9:.3f} GB, AdamW {r.optimizer_bytes / 1e9:.3f} GB, activations "
+              f"~{r.activation_bytes / 1e9:.3f} GB, total {r.total_bytes / 1e9:.3f} GB")
+    print(f"activations: {ACTIVATIONS_COUNTED}")
+    return 0
 
 
 def _train(args: argparse.Namespace, cfg: TrainConfig, rank: int) -> int:

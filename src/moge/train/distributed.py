@@ -1,12 +1,14 @@
 """Data x expert parallel training under torchrun: every rank is a data-parallel rank with
 batch_size / world rows of each micro-batch, and the routed experts are split over
-`expert_parallel` ranks. Every rank builds the same whole model (same seed) and keeps its expert
-shard. A checkpoint is written by the ranks together, with nothing gathered: each EP rank of the
+`expert_parallel` ranks. Every rank builds the model on the meta device, shards it there and makes
+only its own part, equal bit for bit to that part of the single-process initialisation
+(moge.train.model). A checkpoint is written by the ranks together, with nothing gathered: each EP rank of the
 first replica writes the safetensors shards of its experts and its part of the optimizer state into
 one staging directory, rank 0 also the rest, and rank 0 commits only once every rank has succeeded.
 The result is an ordinary released-layout checkpoint that loads at any expert-parallel size.
 
-The only module of moge.train that touches torch.distributed collectives or moge.parallel.
+The only module of moge.train that touches torch.distributed collectives or moge.parallel (besides
+moge.train.dryrun, which sizes ranks with no process group).
 """
 
 from __future__ import annotations
@@ -32,25 +34,31 @@ from moge.train.checkpointing import load_optimizer_state_by_name, optimizer_sta
 from moge.train.config import TrainConfig, TrainingError
 
 
+def check_layout(cfg: TrainConfig, model_cfg: ModelConfig, world: int) -> None:
+    """The run's batch and expert-parallel size fit `world` data-parallel ranks and the model."""
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size={cfg.batch_size} is invalid: must be divisible by the {world} "
+                          f"data-parallel ranks")
+    check_divides_world("expert_parallel", cfg.expert_parallel, world)
+    if model_cfg.is_moe:
+        check_expert_parallel(model_cfg, cfg.expert_parallel)
+    elif cfg.expert_parallel > 1:
+        raise ConfigError(f"expert_parallel={cfg.expert_parallel} is invalid: {cfg.model} is dense (no experts "
+                          f"to split); use 1")
+
+
 class DataExpertParallel:
     """This rank of a data x expert parallel run (the `Processes` of moge.train.processes)."""
 
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if cfg.batch_size % self.world:
-            raise ConfigError(f"batch_size={cfg.batch_size} is invalid: must be divisible by the {self.world} "
-                              f"data-parallel ranks")
-        check_divides_world("expert_parallel", cfg.expert_parallel, self.world)
-        if model_cfg.is_moe:
-            check_expert_parallel(model_cfg, cfg.expert_parallel)
-        elif cfg.expert_parallel > 1:
-            raise ConfigError(f"expert_parallel={cfg.expert_parallel} is invalid: {cfg.model} is dense (no experts "
-                              f"to split); use 1")
+        check_layout(cfg, model_cfg, self.world)
         self.rows = cfg.batch_size // self.world
         self.mesh = ExpertParallelMesh.build(cfg.expert_parallel)
         self.device = comm_device()  # where control tensors live for the default group's backend
 
     def shard(self, model: nn.Module) -> nn.Module:
+        """This rank's part of `model` (a meta-device model: shapes only, see moge.train.model)."""
         return shard_model(model, self.mesh, same_tokens_per_rank=True)  # every micro-batch has one shape
 
     def local_rows(self, batch_BS: torch.Tensor) -> torch.Tensor:

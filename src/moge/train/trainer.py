@@ -51,7 +51,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.procs = join_run(cfg, self.model_cfg)
         self.rank = self.procs.rank
-        self.model = self.procs.shard(build_model(self.model_cfg, cfg)).to(self.device)
+        self.model = build_model(self.model_cfg, cfg, self.procs.shard).to(self.device)  # only this rank's part
         self.optimizer = make_optimizer(self.model, cfg)
         self.step = 0
         self.global_aux = GlobalBatchAuxLoss(self.model_cfg.top_k, cfg.aux_alpha) \
