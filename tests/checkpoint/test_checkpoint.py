@@ -317,15 +317,16 @@ def test_a_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
     first = make_model(seed=1)
     save_pretrained(first, directory, max_shard_bytes=SHARD)
     before = files_of(directory)
-    original, calls = ck_save.safetensors_bytes, []
+    original, calls = ck_save.write_safetensors, []
 
-    def failing(tensors, metadata=None):
+    def failing(path, tensors, target=None):
         calls.append(1)
         if len(calls) == 3:
+            path.write_bytes(b"half a shard")  # the disk fills up in the middle of the third shard
             raise OSError("disk full")
-        return original(tensors, metadata=metadata)
+        return original(path, tensors, target)
 
-    monkeypatch.setattr(ck_save, "safetensors_bytes", failing)
+    monkeypatch.setattr(ck_save, "write_safetensors", failing)
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(make_model(seed=2), directory, max_shard_bytes=SHARD)
     assert files_of(directory) == before  # no staging leftovers, nothing replaced

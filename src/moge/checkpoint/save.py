@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from moge.checkpoint.build import resolve_dtype, saved_dtype_name
 from moge.checkpoint.files import CONFIG_NAME, INDEX_NAME, SINGLE_FILE_NAME, is_plain_name, listing
 from moge.checkpoint.layout import TensorSlot, release_layout
 from moge.errors import ConfigError, bad_value
-from moge.io import atomic_write_bytes, atomic_write_text
+from moge.io import atomic_write_text
 from moge.nn.model import PanguProMoEForCausalLM
 
 # A shard is held twice in memory while it is written (tensors + serialised bytes), so keep it
@@ -80,11 +79,11 @@ def save_pretrained(model: PanguProMoEForCausalLM, directory: str | Path, *,
         weight_map: dict[str, str] = {}
         total = 0
         for name, shard in zip(names, shards, strict=True):
-            tensors = {slot.release_key: _for_file(slot.of(state), target) for slot in shard}
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-            atomic_write_bytes(staging / name, safetensors_bytes(tensors, metadata={"format": "pt"}))
-            weight_map.update(dict.fromkeys(tensors, name))
-            del tensors
+            # streamed tensor by tensor (one converted tensor at a time, never a shard's bytes twice);
+            # the staging folder is only committed once every file is complete
+            entries = [(slot.release_key, slot.of(state)) for slot in shard]
+            total += write_safetensors(staging / name, entries, target)
+            weight_map.update(dict.fromkeys((key for key, _ in entries), name))
         model.config.to_json(staging / CONFIG_NAME, torch_dtype=saved_dtype_name(state.values(), target))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         _commit(directory, staging, names, json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -108,12 +107,6 @@ def _split_into_shards(layout: list[TensorSlot], state: Mapping[str, Tensor], ta
         shards[-1].append(slot)
         size += nbytes
     return shards
-
-
-def _for_file(t: Tensor, target: torch.dtype | None) -> Tensor:
-    """A CPU copy that owns its memory (expert slices share storage with the stacked tensor)."""
-    dtype = target if target is not None and t.is_floating_point() else t.dtype
-    return t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
 
 
 def _commit(directory: Path, staging: Path, names: list[str], index_text: str) -> None:
@@ -247,10 +240,11 @@ def _file_dtype(t: Tensor, target: torch.dtype | None) -> torch.dtype:
     return target if target is not None and t.is_floating_point() else t.dtype
 
 
-def write_safetensors(path: Path, tensors: Iterable[tuple[str, Tensor]], target: torch.dtype | None = None) -> None:
+def write_safetensors(path: Path, tensors: Iterable[tuple[str, Tensor]], target: torch.dtype | None = None) -> int:
     """A safetensors file written tensor by tensor: the header is computed from shapes, then each
     tensor is converted (`target` for floating tensors), copied to the CPU if needed and appended,
-    so only one converted tensor exists at a time. Readable by `safe_open` and transformers alike."""
+    so only one converted tensor exists at a time. Readable by `safe_open` and transformers alike.
+    Returns the bytes of tensor data written."""
     entries = list(tensors)
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -273,3 +267,4 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, Tensor]], target:
             del data
         fh.flush()
         os.fsync(fh.fileno())
+    return offset
