@@ -13,7 +13,6 @@ from moge.checkpoint import load_pretrained, save_pretrained
 from moge.cli import main
 from moge.commands.train import add_train_arguments, train_config_from_args
 from moge.config import ModelConfig
-from moge.errors import ConfigError
 from moge.inference.generate import Sampling, generate, sampling_probs
 from moge.nn.model import KVCache, PanguProMoEForCausalLM
 from moge.inference.speculative import speculative_generate
@@ -315,7 +314,7 @@ def test_generate_cli_speculative_json(tmp_path, capsys):
 # ---- under expert parallelism: ranks in lockstep, each decoding its own rows ------------------------------
 
 def _lockstep_worker(rank, world, num_draft):
-    from moge.parallel import H2P, ExpertParallel, parallelize
+    from moge.parallel import ExpertParallel, parallelize
     from moge.parallel.lockstep import all_ranks_done, min_over_ranks
 
     # each rank its own rows and lengths: rank 0 finishes long before rank 1 and keeps stepping
@@ -327,12 +326,7 @@ def _lockstep_worker(rank, world, num_draft):
     split = parallelize(model, ExpertParallel(world))
     got = speculative_generate(split, prompts, max_new_tokens=max_new, stop_ids=[], num_draft=num_draft,
                                all_done=all_ranks_done, agree_min=min_over_ranks)
-    try:
-        speculative_generate(parallelize(make_model(), H2P(2, 1)), prompts, max_new_tokens=2)
-        refused = ""
-    except ConfigError as e:
-        refused = str(e)
-    return {"want": want, "alone": alone, "got": got.tokens, "refused": refused}
+    return {"want": want, "alone": alone, "got": got.tokens}
 
 
 @pytest.mark.parametrize("num_draft", [1, 2])
@@ -341,4 +335,3 @@ def test_speculative_under_expert_parallel_equals_greedy(num_draft):
 
     for r in spawn(_lockstep_worker, 2, num_draft):
         assert r["got"] == r["alone"] == r["want"]
-        assert "MTP module split like the trunk" in r["refused"]

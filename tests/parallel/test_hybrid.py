@@ -117,6 +117,84 @@ def test_vocabulary_blocks_pad_logically():
     assert [(b.start, b.stop) for b in (VocabSlice(9, 4, r) for r in range(4))] == [(0, 3), (3, 6), (6, 9), (9, 9)]
 
 
+def _mtp_worker(rank, world, attn_tp, expert_tp, batch, prompt, steps):
+    """The MTP module under H2P: a prefill over the prompt's trunk hidden states, then cached steps
+    (each on the trunk's next hidden state, the last one chained on the module's own output)."""
+    cfg = CFG.replace(num_mtp_modules=1)
+    model = make_model(cfg).eval()
+    dp = world // attn_tp
+    ids = torch.randint(0, cfg.vocab_size, (dp * batch, prompt + steps + 1),
+                        generator=torch.Generator().manual_seed(4))
+
+    def run(m, ids, trunk_cache, mtp_cache):
+        out = m(ids[:, :prompt], cache=trunk_cache)
+        mtp = m.mtp_forward(out.pre_norm_hidden, ids[:, 1:prompt + 1], cache=mtp_cache)
+        seen = [out.pre_norm_hidden, mtp.logits, mtp.pre_norm_hidden]
+        for i in range(steps):
+            t = prompt + i
+            out = m(ids[:, t:t + 1], cache=trunk_cache)
+            hidden = out.pre_norm_hidden if i < steps - 1 else mtp.pre_norm_hidden[:, -1:]
+            mtp = m.mtp_forward(hidden, ids[:, t + 1:t + 2], cache=mtp_cache, logits_slice=slice(-1, None))
+            seen += [out.logits, mtp.logits, mtp.pre_norm_hidden]
+        return seen
+
+    def caches(m, rows):
+        mtp_attn = m.model.mtp[0].self_attn.cfg.replace(num_layers=1)
+        return m.allocate_cache(rows, prompt + steps), KVCache.allocate(mtp_attn, rows, prompt + steps, torch.float32)
+
+    with torch.no_grad():
+        ref = run(model, ids, *caches(model, dp * batch))
+        hybrid = parallelize(model, H2P(attn_tp, expert_tp))
+        d = rank // attn_tp
+        got = run(hybrid, ids[d * batch:(d + 1) * batch], *caches(hybrid, batch))
+    heads = hybrid.model.mtp[0].self_attn.cfg.num_heads
+    experts = hybrid.model.mtp[0].mlp.experts.gate_up_proj.shape
+    errors = [float((g - r[d * batch:(d + 1) * batch]).abs().max()) for g, r in zip(got, ref, strict=True)]
+    return {"errors": errors, "shapes": [tuple(g.shape) for g in got], "heads": heads, "experts": tuple(experts)}
+
+
+@pytest.mark.parametrize("attn_tp,expert_tp", [(2, 1), (1, 2)])
+def test_mtp_module_under_hybrid_layout_equals_single_process(attn_tp, expert_tp):
+    # batch 1, prompt 3 under attention TP2: padded token shards; under DP2 each rank its own rows
+    results = spawn(_mtp_worker, 2, attn_tp, expert_tp, 1, 3, 2)
+    f = CFG.expert_intermediate_size
+    for r in results:
+        assert max(r["errors"]) < 1e-5, r["errors"]
+        assert r["shapes"][:3] == [(1, 3, CFG.hidden_size), (1, 3, CFG.vocab_size), (1, 3, CFG.hidden_size)]
+        assert r["shapes"][3:6] == [(1, 1, CFG.vocab_size), (1, 1, CFG.vocab_size), (1, 1, CFG.hidden_size)]
+        assert r["heads"] == CFG.num_heads // attn_tp  # the module is split, not replicated
+        assert r["experts"] == (CFG.num_experts // (2 // expert_tp), 2 * f // expert_tp, CFG.hidden_size)
+
+
+def test_a_rank_reads_its_share_of_the_mtp_module(tmp_path, monkeypatch):
+    """Under H2P(2, 2) on 4 ranks each rank loads exactly the in-memory split of the MTP module and
+    reads a quarter of its routed experts' bytes and half of its attention projections'."""
+    cfg = CFG.replace(num_mtp_modules=1)
+    whole = make_model(cfg)
+    save_pretrained(whole, tmp_path, max_shard_bytes=20_000)
+    read = []
+    real = PartialSource._read_file
+
+    def counting(self, path, reads):
+        read.extend((key, dst.numel() * dst.element_size()) for key, _, dst in reads)
+        return real(self, path, reads)
+
+    monkeypatch.setattr(PartialSource, "_read_file", counting)
+    plan = H2P(2, 2)
+    sizes = {n: p.numel() * 4 for n, p in whole.named_parameters()}
+    experts = sum(b for n, b in sizes.items() if n.startswith("model.mtp.0.mlp.experts."))
+    q_proj = sizes["model.mtp.0.self_attn.q_proj.weight"]
+    for rank in range(4):
+        read.clear()
+        got = load_parallel(tmp_path, plan, mesh=offline_mesh(plan, 4, rank))
+        want = parallelize(copy.deepcopy(whole), plan, offline_mesh(plan, 4, rank))
+        for name, t in want.state_dict().items():
+            if name.startswith("model.mtp."):
+                assert torch.equal(got.state_dict()[name], t), (rank, name)
+        assert sum(b for k, b in read if k.startswith("model.mtp.0.mlp.experts.")) == experts // 4
+        assert sum(b for k, b in read if k == "model.mtp.0.self_attn.q_proj.weight") == q_proj // 2
+
+
 def test_hybrid_layout_rejects_impossible_shapes():
     with pytest.raises(ValueError, match=r"attn_tp=3 is invalid: must divide the world size 8"):
         check_hybrid(CFG, 8, 3, 2)

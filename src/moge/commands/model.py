@@ -101,9 +101,6 @@ def run_generate(args: argparse.Namespace) -> int:
         return _dry_run(args)
     if not launched_by_torchrun():
         return _generate(args, None)
-    if args.speculative and args.parallel == "h2p":
-        raise ConfigError("--speculative with --parallel h2p is not supported: the MTP module is not split by the "
-                          "H2P layout; use --parallel ep (or one process)")
     init_distributed(args.dist_timeout, device=resolve_device(args.device))
     try:
         with peer_failures_as_errors(args.dist_timeout):

@@ -104,8 +104,9 @@ def _check_inputs(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]
     mtp_whole = any(isinstance(m.dispatcher, LocalDispatcher) for m in model.model.mtp.modules()
                     if isinstance(m, MoGEBlock))
     if trunk_split and mtp_whole:
-        raise ConfigError("speculative decoding needs the MTP module split like the trunk: this parallel layout (H2P) "
-                          "leaves it whole; use expert parallelism (ExpertParallel, `--parallel ep`) or one process")
+        raise ConfigError("speculative decoding needs the MTP module split like the trunk: this model's trunk is "
+                          "parallelized and its MTP module is whole; apply the parallel plan to the whole model "
+                          "(moge.parallel.parallelize splits the MTP module under ExpertParallel and H2P)")
 
 
 def _local(done: bool) -> bool:
@@ -149,8 +150,9 @@ def speculative_generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequen
     # num_draft + 1 per new token). Batch 1 never has holes.
     max_len = longest + max_new_tokens * (num_draft + 1 if B > 1 else 1)
     max_len = max(longest + max_new_tokens, min(max_len, cfg.max_position_embeddings))
-    cache = KVCache.allocate(cfg, B, max_len, dtype, device)
-    mtp_cache = KVCache.allocate(cfg.replace(num_layers=cfg.num_mtp_modules), B, max_len, dtype, device)
+    cache = model.allocate_cache(B, max_len, dtype, device)  # this rank's heads under a parallel plan
+    mtp_attn = model.model.mtp[0].self_attn.cfg
+    mtp_cache = KVCache.allocate(mtp_attn.replace(num_layers=cfg.num_mtp_modules), B, max_len, dtype, device)
     gen = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     greedy = sampling.temperature == 0
     rows = torch.arange(B, device=device)

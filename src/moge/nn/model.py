@@ -245,6 +245,10 @@ class ModelOutput:
 class PanguProMoEForCausalLM(nn.Module):
     """The whole model. `forward(input_ids)` for training/scoring; with a KVCache for generation."""
 
+    # A parallel plan whose residual stream is a shard of the tokens (H2P) sets this to the function
+    # that gathers it into [B, S, D] before the final norms, so pre_norm_hidden is whole as here.
+    gather_hidden = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -274,8 +278,8 @@ class PanguProMoEForCausalLM(nn.Module):
             routings.append(routing)
         if cache is not None:
             cache.advance(S, valid_BT[:, past:])
-        pre_norm = h
-        h = self.model.norm(h)
+        pre_norm = h if self.gather_hidden is None else self.gather_hidden(h)
+        h = self.model.norm(pre_norm)
         if logits_slice is not None:
             h = h[:, logits_slice]
         return ModelOutput(self._logits(h), routings if return_routing else None, h, pre_norm)
@@ -307,8 +311,8 @@ class PanguProMoEForCausalLM(nn.Module):
         h, routing = mtp(hidden_BSD, self.model.embed_tokens(next_ids), cos, sin, mask, module, cache)
         if cache is not None:
             cache.advance(S, valid_BT[:, past:])
-        pre_norm = h
-        h = mtp.norm(h)
+        pre_norm = h if self.gather_hidden is None else self.gather_hidden(h)
+        h = mtp.norm(pre_norm)
         if logits_slice is not None:
             h = h[:, logits_slice]
         return ModelOutput(self._logits(h), [routing] if return_routing else None, h, pre_norm)

@@ -21,15 +21,18 @@ H2P's communication, per layer, as the paper rewrites it (T tokens of one DP gro
     mlp            (dispatcher) all-gather over all W ranks -> router -> this rank's experts'
                    F-slice + the shared expert's F-slice -> one reduce-scatter over all W ranks,
                    which leaves exactly this rank's shard (the next layer's attention input)
-    norm           RMSNorm on the shard, then all-gather over the TP group
+    norm           all-gather of the shard over the TP group (the model's `gather_hidden`: its
+                   pre-norm hidden state is then [B, S, D], as in one process), then RMSNorm
     lm_head        vocabulary rows split over all W ranks: every DP group's normed positions
                    all-gathered, this rank's vocabulary block of their fp32 logits, one all-to-all
                    -> each rank its DP group's logits over the whole vocabulary
 
 Each step is a module swapped into the same model: `VocabParallelEmbedding`, `GatheredRMSNorm`,
 `ReduceScatterLinear` (o_proj), the `AllGatherDispatcher` and `VocabParallelLMHead` (a tied pair
-shares one slice). Token counts must be equal on all DP groups (pad the batch). The MTP modules
-are not split (speculative decoding runs in one process).
+shares one slice). Token counts must be equal on all DP groups (pad the batch). An MTP module is
+split like a decoder layer; its `hnorm` takes this rank's rows of the whole [B, S, D] hidden state it
+is given (`ShardedRMSNorm`, no communication), `enorm` and `eh_proj` work row-wise on the shard (whole
+weights), and its output is gathered before its `norm`, as the trunk's is.
 The tensor-parallel pieces are explicit slices with functional collectives: the residual stream's
 layout (rows shared out over ranks, padding included, reduce-scattered) is the paper's, and plain
 slices keep the numbers identical to the single-process model's.
@@ -56,7 +59,7 @@ from moge.config import ModelConfig
 from moge.degrees import check_expert_parallel, check_hybrid
 from moge.errors import ConfigError, DistributedError
 from moge.nn.experts import SwiGLUExperts, linear
-from moge.nn.model import Attention, PanguProMoEForCausalLM, RMSNorm
+from moge.nn.model import Attention, DecoderLayer, PanguProMoEForCausalLM, RMSNorm
 from moge.nn.moe import Linear, LocalDispatcher, MoGEBlock
 from moge.parallel.comm import all_gather, all_to_all, reduce_scatter
 from moge.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
@@ -219,6 +222,15 @@ class _TokenShard:
         full = all_gather(shard_TD, self.group) if self.tp > 1 else shard_TD
         return full[:self.batch * self.seq].view(self.batch, self.seq, shard_TD.shape[-1])
 
+    def shard(self, x_BSD: Tensor) -> Tensor:
+        """This rank's rows of a whole [B, S, D] tensor (padded with zero rows): `gather`'s inverse."""
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        pad = (-x_TD.shape[0]) % self.tp
+        if pad:
+            x_TD = torch.cat([x_TD, x_TD.new_zeros(pad, x_TD.shape[1])])
+        rows = x_TD.shape[0] // self.tp
+        return x_TD[self.tp_rank * rows:(self.tp_rank + 1) * rows]
+
 
 class VocabSlice:
     """This rank's rows of the vocabulary: block `rank` of `world` blocks of ceil(V / W) rows. The
@@ -321,6 +333,19 @@ class GatheredRMSNorm(RMSNorm):
         return self.layout.gather(super().forward(x))
 
 
+class ShardedRMSNorm(RMSNorm):
+    """This rank's rows of a whole [B, S, D] input, then RMSNorm: an MTP module's `hnorm`, which gets
+    the trunk's gathered pre-norm hidden state and hands the residual layout's shard on."""
+
+    def __init__(self, norm: RMSNorm, layout: _TokenShard):
+        super().__init__(norm.weight.shape[0], norm.eps)
+        self.weight = norm.weight
+        self.layout = layout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(self.layout.shard(x))
+
+
 class ReduceScatterLinear(Linear):
     """Row-parallel o_proj: this rank's head columns, its partial output reduce-scattered over the
     attention TP group into the residual shard (half the traffic of an all-reduce)."""
@@ -396,17 +421,27 @@ def _h2p(model: nn.Module, plan: H2P, mesh: H2PMesh | None) -> nn.Module:
     head_weight = embed_weight if tied else slicer.take(model.lm_head.weight, [(vocab.rows,)])
     inner.embed_tokens = VocabParallelEmbedding(embed_weight, vocab, layout, mesh.world_group)
     model.lm_head = VocabParallelLMHead(head_weight, vocab, layout, mesh.world_group)
-    inner.norm = GatheredRMSNorm(inner.norm, layout)
+    model.gather_hidden = layout.gather  # before the final norms: whole pre-norm hidden states
+    for layer in inner.layers:
+        _shard_layer(slicer, layer, cfg, layout, mesh, plan, ep)
+    for mtp in inner.mtp:  # a decoder layer entered from the whole hidden state, left gathered
+        _shard_layer(slicer, mtp, cfg, layout, mesh, plan, ep)
+        mtp.hnorm = ShardedRMSNorm(mtp.hnorm, layout)
+    return slicer.finish(model)
+
+
+def _shard_layer(slicer: _Slicer, layer: DecoderLayer, cfg: ModelConfig, layout: _TokenShard, mesh: H2PMesh,
+                 plan: H2P, ep: int) -> None:
+    """Split one decoder layer (a trunk layer or an MTP module's) in place: gathered input norm,
+    this rank's heads, its experts' intermediate slice and its slice of the shared expert."""
     r, expert_rank, expert_tp_rank = mesh.rank, mesh.rank // plan.expert_tp, mesh.rank % plan.expert_tp
     per = cfg.num_experts // ep
-    for layer in inner.layers:
-        layer.input_layernorm = GatheredRMSNorm(layer.input_layernorm, layout)
-        layer.self_attn = _shard_attention(slicer, layer.self_attn, cfg, layout)
-        block = layer.mlp
-        block.experts = _experts_slice(slicer, block.experts, expert_rank * per, per, plan.expert_tp, expert_tp_rank)
-        for shared in block._shared():  # tensor parallel over every rank: partial sums
-            shared.gate_proj = _rows(slicer, shared.gate_proj, r, mesh.world)
-            shared.up_proj = _rows(slicer, shared.up_proj, r, mesh.world)
-            shared.down_proj = _rows(slicer, shared.down_proj, r, mesh.world, dim=1)
-        block.dispatcher = AllGatherDispatcher(mesh.world_group, expert_rank * per, per)
-    return slicer.finish(model)
+    layer.input_layernorm = GatheredRMSNorm(layer.input_layernorm, layout)
+    layer.self_attn = _shard_attention(slicer, layer.self_attn, cfg, layout)
+    block = layer.mlp
+    block.experts = _experts_slice(slicer, block.experts, expert_rank * per, per, plan.expert_tp, expert_tp_rank)
+    for shared in block._shared():  # tensor parallel over every rank: partial sums
+        shared.gate_proj = _rows(slicer, shared.gate_proj, r, mesh.world)
+        shared.up_proj = _rows(slicer, shared.up_proj, r, mesh.world)
+        shared.down_proj = _rows(slicer, shared.down_proj, r, mesh.world, dim=1)
+    block.dispatcher = AllGatherDispatcher(mesh.world_group, expert_rank * per, per)
