@@ -7,6 +7,7 @@ collective this package needs. Everything runs on gloo (CPU) and nccl (GPU).
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
@@ -34,3 +35,14 @@ def reduce_scatter(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     if x.shape[0] % n:
         raise ValueError(f"reduce_scatter needs rows divisible by the group size {n}, got {x.shape[0]}")
     return funcol.wait_tensor(funcol.reduce_scatter_single_autograd(x.contiguous(), "sum", 0, _group(group)))
+
+
+def reduce_scatter_rows(x_TD: Tensor, group: dist.ProcessGroup | None, parts: int) -> Tensor:
+    """Rows zero-padded to a multiple of `parts` (the group's size), then reduce-scattered: this rank's
+    1/parts of the summed rows, as H2P's token shard lays them out. Identity for one part."""
+    if parts == 1:
+        return x_TD
+    pad = (-x_TD.shape[0]) % parts
+    if pad:
+        x_TD = torch.cat([x_TD, x_TD.new_zeros(pad, x_TD.shape[1])])
+    return reduce_scatter(x_TD, group)

@@ -61,7 +61,7 @@ from moge.errors import ConfigError, DistributedError
 from moge.nn.experts import SwiGLUExperts, linear
 from moge.nn.model import Attention, DecoderLayer, PanguProMoEForCausalLM, RMSNorm
 from moge.nn.moe import Linear, LocalDispatcher, MoGEBlock
-from moge.parallel.comm import all_gather, all_to_all, reduce_scatter
+from moge.parallel.comm import all_gather, all_to_all, reduce_scatter, reduce_scatter_rows
 from moge.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
 from moge.parallel.mesh import ExpertParallelMesh, H2PMesh
 from moge.parallel.quantized import ReduceScatterQuantLinear, is_quantized_module, quant_experts_slice, quant_rows
@@ -361,11 +361,8 @@ class ReduceScatterLinear(Linear):
         self.layout = layout
 
     def forward(self, x: Tensor) -> Tensor:
-        y_TD = super().forward(x).reshape(-1, self.out_features)
-        pad = (-y_TD.shape[0]) % self.layout.tp
-        if pad:
-            y_TD = torch.cat([y_TD, y_TD.new_zeros(pad, y_TD.shape[1])])
-        return reduce_scatter(y_TD, self.layout.group) if self.layout.tp > 1 else y_TD
+        return reduce_scatter_rows(super().forward(x).reshape(-1, self.out_features), self.layout.group,
+                                   self.layout.tp)
 
 
 def _rows(slicer: _Slicer, linear: nn.Linear, part: int, parts: int, dim: int = 0) -> Linear:

@@ -17,10 +17,9 @@ states the tolerance).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from moge.parallel.comm import reduce_scatter
+from moge.parallel.comm import reduce_scatter_rows
 from moge.quant.experts import QuantExperts
 from moge.quant.int8 import QuantLinear
 
@@ -92,8 +91,5 @@ class ReduceScatterQuantLinear(QuantLinear):
         self.layout = layout
 
     def forward(self, x: Tensor) -> Tensor:
-        y_TD = super().forward(x).reshape(-1, self.out_features)
-        pad = (-y_TD.shape[0]) % self.layout.tp
-        if pad:
-            y_TD = torch.cat([y_TD, y_TD.new_zeros(pad, y_TD.shape[1])])
-        return reduce_scatter(y_TD, self.layout.group) if self.layout.tp > 1 else y_TD
+        return reduce_scatter_rows(super().forward(x).reshape(-1, self.out_features), self.layout.group,
+                                   self.layout.tp)
