@@ -217,7 +217,11 @@ def _spawned(rank: int, fn, world: int, init_file: str, out_dir: str, timeout_s:
     try:
         with peer_failures_as_errors(timeout_s):
             result = fn(rank, world, *args)
-        torch.save(result, os.path.join(out_dir, f"rank-{rank}.pt"))
+            torch.save(result, os.path.join(out_dir, f"rank-{rank}.pt"))
+            # every rank is done with the group before any tears it down: a rank destroying its gloo
+            # pairs while a peer still tears down or sends once aborted the peer ("terminate called
+            # without an active exception") after a test whose ranks had both failed a save cleanly
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
