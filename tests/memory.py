@@ -23,3 +23,19 @@ def reset_peak() -> None:
             f.write("5")
     except OSError:
         pass
+
+
+def record_reads(monkeypatch) -> list[tuple[str, tuple, int]]:
+    """From now on in this process, every piece the partial checkpoint reader reads, as (file key,
+    the index read, bytes): what a rank actually takes from the files."""
+    from moge.checkpoint.partial import PartialSource
+
+    read: list[tuple[str, tuple, int]] = []
+    real = PartialSource._read_file
+
+    def counting(self, path, reads):
+        read.extend((key, src, dst.numel() * dst.element_size()) for key, src, dst in reads)
+        return real(self, path, reads)
+
+    monkeypatch.setattr(PartialSource, "_read_file", counting)
+    return read

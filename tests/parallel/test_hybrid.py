@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tiny_models import CFG, make_model
 
 from moge.checkpoint import save_pretrained
-from moge.checkpoint.partial import PartialSource
+from memory import record_reads
 from moge.degrees import check_hybrid
 from moge.nn.model import KVCache
 from moge.parallel import H2P, load_parallel, parallelize
@@ -92,14 +92,7 @@ def test_a_rank_reads_its_vocabulary_rows_only(tmp_path, monkeypatch):
     [16 r, 16 r + 16) of a 64-token vocabulary), and every row is read by exactly one rank."""
     cfg = CFG.replace(vocab_size=64)
     save_pretrained(make_model(cfg), tmp_path, max_shard_bytes=20_000)
-    read = []
-    real = PartialSource._read_file
-
-    def counting(self, path, reads):
-        read.extend((key, src, dst.numel() * dst.element_size()) for key, src, dst in reads)
-        return real(self, path, reads)
-
-    monkeypatch.setattr(PartialSource, "_read_file", counting)
+    read = record_reads(monkeypatch)
     plan, whole = H2P(2, 2), cfg.vocab_size * cfg.hidden_size * 4
     for rank in range(4):
         read.clear()
@@ -172,14 +165,7 @@ def test_a_rank_reads_its_share_of_the_mtp_module(tmp_path, monkeypatch):
     cfg = CFG.replace(num_mtp_modules=1)
     whole = make_model(cfg)
     save_pretrained(whole, tmp_path, max_shard_bytes=20_000)
-    read = []
-    real = PartialSource._read_file
-
-    def counting(self, path, reads):
-        read.extend((key, dst.numel() * dst.element_size()) for key, _, dst in reads)
-        return real(self, path, reads)
-
-    monkeypatch.setattr(PartialSource, "_read_file", counting)
+    read = record_reads(monkeypatch)
     plan = H2P(2, 2)
     sizes = {n: p.numel() * 4 for n, p in whole.named_parameters()}
     experts = sum(b for n, b in sizes.items() if n.startswith("model.mtp.0.mlp.experts."))
@@ -191,8 +177,8 @@ def test_a_rank_reads_its_share_of_the_mtp_module(tmp_path, monkeypatch):
         for name, t in want.state_dict().items():
             if name.startswith("model.mtp."):
                 assert torch.equal(got.state_dict()[name], t), (rank, name)
-        assert sum(b for k, b in read if k.startswith("model.mtp.0.mlp.experts.")) == experts // 4
-        assert sum(b for k, b in read if k == "model.mtp.0.self_attn.q_proj.weight") == q_proj // 2
+        assert sum(b for k, _, b in read if k.startswith("model.mtp.0.mlp.experts.")) == experts // 4
+        assert sum(b for k, _, b in read if k == "model.mtp.0.self_attn.q_proj.weight") == q_proj // 2
 
 
 def test_hybrid_layout_rejects_impossible_shapes():

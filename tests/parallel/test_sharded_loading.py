@@ -10,11 +10,11 @@ import copy
 
 import pytest
 import torch
-from memory import reset_peak, rss_kib
+from memory import record_reads, reset_peak, rss_kib
 from models import make_model, smallest_config, tiny_config
 
 from moge.checkpoint import CheckpointError, load_pretrained, save_pretrained, save_quantized
-from moge.checkpoint.partial import GlobalSlice, PartialSource
+from moge.checkpoint.partial import GlobalSlice
 from moge.parallel import H2P, ExpertParallel, load_parallel, parallelize
 from moge.parallel.launch import spawn
 from moge.parallel.parallelize import offline_mesh
@@ -73,20 +73,13 @@ def test_dtype_follows_the_files_unless_asked_and_ties_stay_tied(tmp_path):
 def test_a_rank_reads_only_its_experts(tmp_path, monkeypatch):
     """Count the bytes each read returns: rank 1 of EP=4 reads a quarter of the expert bytes."""
     whole = _saved(tmp_path)
-    read = []
-    real = PartialSource._read_file
-
-    def counting(self, path, reads):
-        read.extend((key, dst.numel() * dst.element_size()) for key, _, dst in reads)
-        return real(self, path, reads)
-
-    monkeypatch.setattr(PartialSource, "_read_file", counting)
+    read = record_reads(monkeypatch)
     plan = ExpertParallel(4)
     load_parallel(tmp_path, plan, mesh=offline_mesh(plan, 4, 1))
-    expert_bytes = sum(b for k, b in read if ".mlp.experts." in k)
+    expert_bytes = sum(b for k, _, b in read if ".mlp.experts." in k)
     total_experts = sum(p.numel() * 4 for n, p in whole.named_parameters() if ".mlp.experts." in n)
     assert expert_bytes == total_experts // 4
-    assert {k.split(".experts.")[1].split(".")[0] for k, _ in read if ".mlp.experts." in k} == {"2", "3"}
+    assert {k.split(".experts.")[1].split(".")[0] for k, _, _ in read if ".mlp.experts." in k} == {"2", "3"}
 
 
 def test_pickle_checkpoints_are_refused_and_quantized_ones_load(tmp_path):
