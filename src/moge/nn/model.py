@@ -31,6 +31,7 @@ from moge.errors import ConfigError
 from moge.config import ModelConfig
 from moge.nn.experts import SwiGLUExperts, linear
 from moge.nn.moe import Linear, MoGEBlock, SwiGLU
+from moge.nn.paged import PagedBatch
 from moge.nn.routing import RoutingResult
 
 
@@ -143,6 +144,11 @@ class KVCache:
         self.valid_BT[:, start:start + keep_BS.shape[1]] &= keep_BS
         self.padded = True
 
+    def attend(self, layer: int, q_BHSd: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, mask: Tensor | None) -> Tensor:
+        """Store this step's keys/values for `layer` and attend the queries to every cached position."""
+        k, v = self.update(layer, k_BHSd, v_BHSd)
+        return sdpa(q_BHSd, k, v, mask)
+
     def truncate(self, length: int) -> None:
         """Forget every slot from `length` on (speculative decoding drops rejected drafts this way).
         The keys/values left behind are never read: the next `update` overwrites them first."""
@@ -150,6 +156,15 @@ class KVCache:
             raise ConfigError(f"length={length} is invalid: must be in [0, {self.length}] (the cached length)")
         self.valid_BT[:, length:self.length] = False
         self.length = length
+
+
+def sdpa(q_BHSd: Tensor, k_BHCd: Tensor, v_BHCd: Tensor, mask: Tensor | None) -> Tensor:
+    """Causal attention (GQA when the key heads are fewer): with `mask` when one is given, else plain
+    causal for several queries, and unmasked for one."""
+    S = q_BHSd.shape[2]
+    is_causal = True if mask is None and S > 1 else False  # a Python bool even when S is symbolic
+    return F.scaled_dot_product_attention(q_BHSd, k_BHCd, v_BHCd, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=q_BHSd.shape[1] != k_BHCd.shape[1])
 
 
 class Attention(nn.Module):
@@ -164,17 +179,17 @@ class Attention(nn.Module):
         self.o_proj = Linear(h * hd, cfg.hidden_size, bias=bias)
 
     def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, layer: int,
-                cache: KVCache | None) -> Tensor:
+                cache: KVCache | PagedBatch | None) -> Tensor:
         B, S, _ = x_BSD.shape
         hd, h, kv = self.cfg.head_size, self.cfg.num_heads, self.cfg.num_kv_heads
         q = self.q_proj(x_BSD).view(B, S, h, hd).transpose(1, 2)
         k = self.k_proj(x_BSD).view(B, S, kv, hd).transpose(1, 2)
         v = self.v_proj(x_BSD).view(B, S, kv, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        is_causal = True if mask is None and S > 1 else False  # a Python bool even when S is symbolic
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=h != kv)
+        if cache is None:
+            out = sdpa(q, k, v, mask)
+        else:  # the cache stores the new keys/values and attends over everything it holds
+            out = cache.attend(layer, q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, h * hd))
 
 
@@ -187,7 +202,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MoGEBlock(cfg.moe()) if cfg.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, layer: int,
-                cache: KVCache | None) -> tuple[Tensor, RoutingResult | None]:
+                cache: KVCache | PagedBatch | None) -> tuple[Tensor, RoutingResult | None]:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, layer, cache)
         if isinstance(self.mlp, MoGEBlock):
             out, routing = self.mlp(self.post_attention_layernorm(h), return_routing=True)
@@ -219,7 +234,7 @@ class MTPModule(DecoderLayer):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h: Tensor, emb: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, layer: int,
-                cache: KVCache | None) -> tuple[Tensor, RoutingResult | None]:
+                cache: KVCache | PagedBatch | None) -> tuple[Tensor, RoutingResult | None]:
         x = self.eh_proj(torch.cat([self.hnorm(h), self.enorm(emb)], dim=-1))
         return super().forward(x, cos, sin, mask, layer, cache)
 
@@ -257,12 +272,14 @@ class PanguProMoEForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: KVCache | PagedBatch | None = None,
                 attention_mask: Tensor | None = None, return_routing: bool = False,
-                logits_slice: slice | None = None) -> ModelOutput:
+                logits_slice: slice | Tensor | None = None) -> ModelOutput:
         """input_ids [B, S]. `attention_mask` [B, S] (1 = token, 0 = left padding) is needed only for
         padded batches; `positions` default to 0.. for each row's real tokens. `logits_slice`
-        restricts the lm_head to some positions (e.g. the last one during generation)."""
+        restricts the lm_head to some positions (e.g. the last one during generation; a LongTensor of
+        positions picks several). With a `PagedBatch` as `cache` (moge.nn.paged) input_ids is the
+        flat [1, T] row of a step's sequences and positions come from the batch."""
         cfg = self.config
         if input_ids.dim() != 2:
             raise ConfigError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -276,7 +293,7 @@ class PanguProMoEForCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             h, routing = layer(h, cos, sin, mask, i, cache)
             routings.append(routing)
-        if cache is not None:
+        if isinstance(cache, KVCache):
             cache.advance(S, valid_BT[:, past:])
         pre_norm = h if self.gather_hidden is None else self.gather_hidden(h)
         h = self.model.norm(pre_norm)
@@ -285,8 +302,8 @@ class PanguProMoEForCausalLM(nn.Module):
         return ModelOutput(self._logits(h), routings if return_routing else None, h, pre_norm)
 
     def mtp_forward(self, hidden_BSD: Tensor, next_ids: Tensor, *, module: int = 0, positions: Tensor | None = None,
-                    cache: KVCache | None = None, attention_mask: Tensor | None = None,
-                    return_routing: bool = False, logits_slice: slice | None = None) -> ModelOutput:
+                    cache: KVCache | PagedBatch | None = None, attention_mask: Tensor | None = None,
+                    return_routing: bool = False, logits_slice: slice | Tensor | None = None) -> ModelOutput:
         """Multi-token prediction: logits for token t+2 at every position t.
 
         `hidden_BSD` is the trunk's pre-norm hidden state at positions t (`ModelOutput.pre_norm_hidden`,
@@ -309,7 +326,7 @@ class PanguProMoEForCausalLM(nn.Module):
                                                           next_ids.device)
         mtp = self.model.mtp[module]
         h, routing = mtp(hidden_BSD, self.model.embed_tokens(next_ids), cos, sin, mask, module, cache)
-        if cache is not None:
+        if isinstance(cache, KVCache):
             cache.advance(S, valid_BT[:, past:])
         pre_norm = h if self.gather_hidden is None else self.gather_hidden(h)
         h = mtp.norm(pre_norm)
@@ -395,13 +412,19 @@ class PanguProMoEForCausalLM(nn.Module):
         return {"total": total, "activated": total - inactive}
 
 
-def attention_inputs(cfg: ModelConfig, B: int, S: int, positions: Tensor | None, cache: KVCache | None,
+def attention_inputs(cfg: ModelConfig, B: int, S: int, positions: Tensor | None, cache: KVCache | PagedBatch | None,
                      attention_mask: Tensor | None, device) -> tuple[int, Tensor, Tensor | None, Tensor, Tensor]:
     """For S new tokens of B rows: (past length, valid_BT, SDPA mask, RoPE cos, sin), with clear
     errors when the sequence outgrows the context or the cache. Positions default to each row's
     count of real tokens, so left padding does not shift them. Nothing is read back from the
     device: whether a mask is needed follows from `attention_mask` being given now or before
     (recorded on a KVCache as `padded`)."""
+    if isinstance(cache, PagedBatch):  # a flat batch of sequences: positions and masks come with it
+        if B != 1 or S != cache.num_tokens:
+            raise ConfigError(f"a PagedBatch of {cache.num_tokens} tokens needs input of shape "
+                              f"(1, {cache.num_tokens}), got {(B, S)}")
+        cos, sin = rope_cos_sin(cache.positions_1T, cfg.head_size, cfg.rope_theta, cfg.max_position_embeddings)
+        return 0, None, None, cos, sin
     past = cache.length if cache is not None else 0
     if past + S > cfg.max_position_embeddings:
         raise ConfigError(f"sequence length {past + S} exceeds max_position_embeddings="
