@@ -27,6 +27,7 @@ from moge.errors import ConfigError, bad_value
 from moge.inference.generate import Sampling, sample_next
 from moge.nn.model import PanguProMoEForCausalLM
 from moge.nn.paged import KVPool, PagedBatch, Span
+from moge.parallel.lockstep import share_from_rank0
 
 
 class QueueFull(Exception):
@@ -221,7 +222,7 @@ class Engine:
     def close(self) -> None:
         """Release the followers of a distributed engine (they return from `follow`)."""
         if self.distributed:
-            _broadcast(None)
+            share_from_rank0(None)
 
     # ---- scheduling ----------------------------------------------------------------------------------
 
@@ -341,7 +342,7 @@ class Engine:
     def _forward(self, plan: _Plan) -> Tensor:
         """The logits [rows, V] of one step's plan (broadcast first when distributed)."""
         if self.distributed:
-            _broadcast(plan)
+            share_from_rank0(plan)
         return _execute(self.model, self.pool, plan, self.device)
 
 
@@ -353,7 +354,7 @@ def follow(model: PanguProMoEForCausalLM, config: EngineConfig = EngineConfig())
     pool = _allocate_pool(model, config, device)
     with torch.inference_mode():
         while True:
-            plan = _broadcast(None, receive=True)
+            plan = share_from_rank0()
             if plan is None:
                 return
             _execute(model, pool, plan, device)
@@ -365,15 +366,6 @@ def _execute(model: PanguProMoEForCausalLM, pool: KVPool, plan: _Plan, device: t
     rows = torch.tensor(plan.logit_rows, dtype=torch.long, device=device)
     out = model(ids, cache=batch, logits_slice=rows)
     return out.logits[0]
-
-
-def _broadcast(plan: _Plan | None, receive: bool = False) -> _Plan | None:
-    """Rank 0's plan to every rank (None = stop)."""
-    import torch.distributed as dist
-
-    box = [None if receive else plan]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _check_config(config: EngineConfig, cfg) -> int:

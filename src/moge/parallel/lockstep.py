@@ -30,3 +30,11 @@ def min_over_ranks(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def share_from_rank0(obj: object = None) -> object:
+    """Rank 0's `obj` on every rank of the default group (pickled; the others pass nothing). The
+    serving engine hands each step's batch to the ranks that follow it this way."""
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
