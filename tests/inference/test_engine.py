@@ -11,6 +11,7 @@ from models import make_model, tiny_config
 from moge.errors import ConfigError
 from moge.inference.engine import Engine, EngineConfig, QueueFull, Request
 from moge.inference.generate import Sampling, generate
+from moge.inference.speculative import speculative_generate
 
 CFG = tiny_config(max_position_embeddings=96)
 
@@ -202,3 +203,80 @@ def test_requests_that_could_never_run_are_refused_naming_the_field(model, reque
 def test_bad_engine_config_is_refused(model, config, message):
     with pytest.raises(ConfigError, match=message):
         Engine(model, config)
+
+
+def _mtp_model(echo: bool):
+    """A model with an MTP module. `echo`: the module mostly repeats the trunk's own prediction
+    (eh_proj close to [I, 0], small attention and MLP outputs, the trunk's final norm), so most
+    drafts are accepted; otherwise random, so most are rejected."""
+    cfg = CFG.replace(num_mtp_modules=1, vocab_size=61)
+    if not echo:
+        return make_model(cfg, seed=1)
+    torch.manual_seed(0)
+    from moge.nn.model import PanguProMoEForCausalLM
+
+    model = PanguProMoEForCausalLM(cfg).init_weights(0.2, seed=1).eval()
+    mtp, d = model.model.mtp[0], cfg.hidden_size
+    with torch.no_grad():
+        mtp.eh_proj.weight.mul_(0.01)[:, :d] += torch.eye(d)
+        mtp.self_attn.o_proj.weight.mul_(0.05)
+        mtp.mlp.experts.down_proj.mul_(0.05)
+        for shared in mtp.mlp._shared():
+            shared.down_proj.weight.mul_(0.05)
+        mtp.norm.weight.copy_(model.model.norm.weight)
+    return model
+
+
+@pytest.mark.parametrize("echo", [True, False], ids=["echo-mtp", "random-mtp"])
+def test_speculative_decoding_gives_greedy_output_and_accepts_what_speculative_generate_accepts(echo):
+    """Under continuous batching with chunked prefill, each request gets its greedy tokens and
+    accepts exactly the drafts `speculative_generate` accepts for it alone."""
+    model = _mtp_model(echo)
+    prompts = [[t % 61 for t in p] for p in _prompts([5, 17, 3, 30, 9], seed=5)]
+    max_tokens = [12, 7, 15, 4, 10]
+    engine = Engine(model, EngineConfig(kv_blocks=64, block_size=4, max_running=3, step_tokens=12, speculative=True))
+    schedule = {i: [Request(str(i), p, m)] for i, (p, m) in enumerate(zip(prompts, max_tokens))}
+    tokens, last, step = {}, {}, 0
+    while engine.has_work() or schedule:
+        for request in schedule.pop(step, []):
+            engine.add(request)
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            last[out.request_id] = out
+        step += 1
+    total_accepted = 0
+    for i, p in enumerate(prompts):
+        alone = speculative_generate(model, [p], max_new_tokens=max_tokens[i], stop_ids=[])
+        assert tokens[str(i)] == _alone(model, p, max_tokens[i]) == alone.tokens[0], i
+        assert (last[str(i)].accepted, last[str(i)].drafted) == (alone.accepted, alone.drafted), i
+        assert last[str(i)].finish_reason == "length"
+        total_accepted += alone.accepted
+    assert engine.stats().kv_blocks_used == 0
+    assert (total_accepted > 0) == echo  # both paths ran: drafts accepted and rejected
+
+
+def test_speculative_sampling_draws_from_the_target_distribution():
+    """Speculative sampling (Leviathan et al. 2023) keeps the target distribution: over 3000
+    requests, the second token (the one the draft test decides) follows p(x2 | prompt, x1)."""
+    cfg = tiny_config(vocab_size=6, num_mtp_modules=1, max_position_embeddings=16)
+    model = make_model(cfg, seed=2)
+    prompt, n = [1, 2, 3], 3000
+    with torch.no_grad():
+        p1 = model(torch.tensor([prompt])).logits[0, -1].softmax(-1)
+        p2 = torch.stack([model(torch.tensor([prompt + [x]])).logits[0, -1].softmax(-1) for x in range(6)])
+    exact = p1.unsqueeze(1) * p2  # P(x1, x2)
+    engine = Engine(model, EngineConfig(kv_blocks=n, block_size=4, max_running=n, max_waiting=n, step_tokens=n * 3,
+                                        speculative=True))
+    for i in range(n):
+        engine.add(Request(str(i), prompt, 3, Sampling(1.0, seed=i)))
+    tokens, accepted, drafted = {}, {}, {}
+    while engine.has_work():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            accepted[out.request_id], drafted[out.request_id] = out.accepted, out.drafted
+    counts = torch.zeros(6, 6)
+    for t in tokens.values():
+        counts[t[0], t[1]] += 1
+    tv = 0.5 * (counts / n - exact).abs().sum()
+    assert tv < 0.06, tv  # the TV distance of 3000 draws over 36 cells is ~0.04 by chance
+    assert 0 < sum(o for o in accepted.values()) < sum(drafted.values())

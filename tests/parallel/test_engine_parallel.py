@@ -2,6 +2,8 @@
 step, rank 1 follows; every request's tokens equal the single-process engine's, under expert
 parallelism (MoGE and top-K routing) and under the H2P layout."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from models import make_model, tiny_config
@@ -33,12 +35,12 @@ def _serve(engine) -> dict[str, list[int]]:
     return tokens
 
 
-def _rank(rank, world, cfg, plan):
+def _rank(rank, world, cfg, plan, config=ENGINE):
     model = parallelize(make_model(cfg), plan)
     if rank != 0:
-        follow(model, ENGINE)
+        follow(model, config)
         return {}
-    engine = Engine(model, ENGINE, distributed=True)
+    engine = Engine(model, config, distributed=True)
     try:
         return _serve(engine)
     finally:
@@ -56,3 +58,14 @@ def test_ranks_in_lockstep_serve_what_one_process_serves(cfg, plan):
     assert sorted(want) == [str(i) for i in range(len(LENGTHS))]
     got = launch.spawn(_rank, 2, cfg, plan)
     assert got[0] == want and got[1] == {}
+
+
+@pytest.mark.parametrize("plan", [ExpertParallel(2), H2P(attn_tp=2, expert_tp=1)], ids=["ep", "h2p"])
+def test_speculative_decoding_in_lockstep_serves_what_one_process_serves(plan):
+    """Each step is two broadcasts (the trunk's batch, then the MTP module's); every request's
+    tokens equal the single-process engine's."""
+    cfg = CFG.replace(num_mtp_modules=1)
+    config = replace(ENGINE, speculative=True)
+    want = _serve(Engine(make_model(cfg), config))
+    got = launch.spawn(_rank, 2, cfg, plan, config)
+    assert got[0] == want

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from moge.errors import ConfigError, bad_value
-from moge.inference.generate import Sampling, sample_next
+from moge.inference.generate import Sampling, sample_next, sampling_probs
 from moge.nn.model import PanguProMoEForCausalLM
 from moge.nn.paged import KVPool, PagedBatch, Span
 from moge.parallel.lockstep import share_from_rank0
@@ -106,6 +106,8 @@ class _Seq:
         self.generator = generator
         self.admitted = False  # holds its reservation (left the waiting queue)
         self.drafted = self.accepted = 0
+        self.draft: int | None = None  # speculative decoding: the MTP module's guess for the next token
+        self.draft_probs: Tensor | None = None  # and the distribution it was drawn from (sampling)
 
     @property
     def generated(self) -> int:
@@ -120,6 +122,7 @@ class _Plan:
     input_ids: list[int]
     spans: list[Span]
     logit_rows: list[int]
+    hidden_rows: list[int] | None = None  # an MTP pass: which rows of the trunk's hidden states it reads
 
 
 class Engine:
@@ -132,6 +135,7 @@ class Engine:
         self.max_model_len = _check_config(config, self.cfg)
         self.device = next(model.parameters()).device
         self.pool = _allocate_pool(model, config, self.device)
+        self.mtp_pool = _allocate_pool(model, config, self.device, mtp=True) if config.speculative else None
         self._free_blocks = list(range(config.kv_blocks - 1, -1, -1))  # a stack: low ids first
         self._unreserved = config.kv_blocks
         self._lock = threading.Lock()
@@ -249,8 +253,8 @@ class Engine:
         budget = cfg.step_tokens
         items: list[tuple[_Seq, int]] = []
         for seq in self._running:  # decodes first: running requests never stall behind a prompt
-            if seq.computed >= seq.prompt_len:
-                items.append((seq, len(seq.tokens) - seq.computed))
+            if seq.computed >= seq.prompt_len:  # the last token, and the draft when there is one
+                items.append((seq, len(seq.tokens) - seq.computed + (seq.draft is not None)))
                 budget -= items[-1][1]
         for seq in self._running:  # prompts admitted earlier and not yet fully prefilled
             if seq.computed < seq.prompt_len and budget > 0:
@@ -295,52 +299,138 @@ class Engine:
 
     # ---- running a step ------------------------------------------------------------------------------
 
-    def _plan(self, items: list[tuple[_Seq, int]]) -> tuple[_Plan, list[_Seq]]:
+    def _plan(self, items: list[tuple[_Seq, int]]) -> tuple[_Plan, list[tuple[_Seq, list[int]]]]:
+        """The flat batch of `items` and, per sequence that gets a next token, its logit rows (two
+        for a speculative decode: after the last token and after the draft)."""
         ids, spans, rows, sampled = [], [], [], []
         for seq, n in items:
-            ids.extend(seq.tokens[seq.computed:seq.computed + n])
+            fed = seq.tokens[seq.computed:seq.computed + n]
+            if seq.draft is not None and seq.computed + n == len(seq.tokens) + 1:
+                fed = fed + [seq.draft]
+            ids.extend(fed)
             spans.append(Span(tuple(seq.blocks), seq.computed + n, n))
-            if seq.computed + n == len(seq.tokens):  # the last known token is fed: a next token is due
-                rows.append(len(ids) - 1)
-                sampled.append(seq)
+            due = seq.computed + n - len(seq.tokens) + 1  # fed positions at or past the last known token
+            if due > 0:
+                sampled.append((seq, list(range(len(ids) - due, len(ids)))))
+                rows.extend(sampled[-1][1])
         return _Plan(ids, spans, rows), sampled
 
     def _run(self, items: list[tuple[_Seq, int]]) -> list[Output]:
         """Forward the items together; when that fails, each alone, so one bad request fails alone."""
         plan, sampled = self._plan(items)
         try:
-            logits = self._forward(plan)
+            logits, hidden = self._forward(plan)
         except Exception as e:  # noqa: BLE001 - isolated below, reported per request
             if len(items) == 1:
-                seq = items[0][0]
-                self._running.remove(seq)
-                return [self._finish(seq, "error", error=f"{type(e).__name__}: {e}")]
+                return [self._fail(items[0][0], e)]
             outputs = []
             for item in items:
                 outputs += self._run([item])
             return outputs
+        before = {id(seq): seq.computed for seq, _ in items}
         for seq, n in items:
             seq.computed += n
-        outputs = []
-        for i, seq in enumerate(sampled):
+        outputs, row = [], 0
+        for seq, rows in sampled:
+            logits_RV, row = logits[row:row + len(rows)], row + len(rows)
             try:
-                token = _sample(logits[i], seq)
+                emitted = self._next_tokens(seq, logits_RV)
             except Exception as e:  # noqa: BLE001
-                self._running.remove(seq)
-                outputs.append(self._finish(seq, "error", error=f"{type(e).__name__}: {e}"))
+                outputs.append(self._fail(seq, e))
                 continue
-            seq.tokens.append(token)
-            reason = "stop" if token in seq.request.stop_ids else \
-                "length" if seq.generated >= seq.request.max_tokens else None
-            if reason is None:
-                outputs.append(Output(seq.request.request_id, [token], None, None, seq.drafted, seq.accepted))
-            else:
-                self._running.remove(seq)
-                outputs.append(self._finish(seq, reason, [token]))
+            outputs.append(self._emit(seq, emitted))
+        if self.config.speculative:
+            running = [(seq, n) for seq, n in items if seq in self._running]
+            offsets, offset = {}, 0
+            for seq, n in items:
+                offsets[id(seq)], offset = offset, offset + n
+            try:
+                self._draft(running, before, offsets, hidden)
+            except Exception as e:  # noqa: BLE001 - the MTP pass failed: its requests fail, the server stays up
+                outputs += [self._fail(seq, e) for seq, _ in running]
         return outputs
 
-    def _forward(self, plan: _Plan) -> Tensor:
-        """The logits [rows, V] of one step's plan (broadcast first when distributed)."""
+    def _next_tokens(self, seq: _Seq, logits_RV: Tensor) -> list[int]:
+        """The tokens a sequence gains from its logit rows: one sampled token, or with a draft the
+        accepted draft plus one (speculative sampling: each token follows the target distribution).
+        Rolls the sequence's cached length back past a rejected draft."""
+        sampling, draft = seq.request.sampling, seq.draft
+        if logits_RV.shape[0] == 1:
+            return [_sample(logits_RV[0], seq)]
+        seq.draft, seq.drafted = None, seq.drafted + 1
+        if sampling.temperature == 0:
+            target = logits_RV.argmax(-1).tolist()
+            accepted = target[0] == draft
+            nxt = target[1] if accepted else target[0]
+        else:
+            p_RV = sampling_probs(logits_RV.float().cpu(), sampling)
+            q_V = seq.draft_probs
+            u = float(torch.rand((), generator=seq.generator))
+            accepted = u * float(q_V[draft]) < float(p_RV[0, draft])  # u < min(1, p/q)
+            if accepted:
+                nxt = int(torch.multinomial(p_RV[1], 1, generator=seq.generator))
+            else:
+                residual = (p_RV[0] - q_V).clamp_min(0)
+                weights = residual if float(residual.sum()) > 0 else p_RV[0]
+                nxt = int(torch.multinomial(weights, 1, generator=seq.generator))
+        if accepted:
+            seq.accepted += 1
+            return [draft, nxt]
+        seq.computed -= 1  # the draft's keys/values are left in the pool, to be overwritten
+        return [nxt]
+
+    def _emit(self, seq: _Seq, tokens: list[int]) -> Output:
+        """Append `tokens` up to a stop id or max_tokens; the request's output of this step."""
+        out, reason = [], None
+        for token in tokens:
+            seq.tokens.append(token)
+            out.append(token)
+            reason = "stop" if token in seq.request.stop_ids else \
+                "length" if seq.generated >= seq.request.max_tokens else None
+            if reason is not None:
+                break
+        if reason is None:
+            return Output(seq.request.request_id, out, None, None, seq.drafted, seq.accepted)
+        self._running.remove(seq)
+        return self._finish(seq, reason, out)
+
+    def _fail(self, seq: _Seq, error: Exception) -> Output:
+        if seq in self._running:
+            self._running.remove(seq)
+        return self._finish(seq, "error", error=f"{type(error).__name__}: {error}")
+
+    def _draft(self, items: list[tuple[_Seq, int]], before: dict[int, int], offsets: dict[int, int],
+               hidden_1TD: Tensor) -> None:
+        """Run the MTP module over the positions each running sequence just cached (the trunk's hidden
+        state at t with the token at t + 1, now known) and draw each decoding sequence's next draft."""
+        ids, spans, hidden_rows, rows, drafting = [], [], [], [], []
+        for seq, _ in items:
+            first = before[id(seq)]
+            kept = seq.computed - first
+            ids.extend(seq.tokens[first + 1:seq.computed + 1])
+            hidden_rows.extend(range(offsets[id(seq)], offsets[id(seq)] + kept))
+            spans.append(Span(tuple(seq.blocks), seq.computed, kept))
+            if seq.computed == len(seq.tokens) - 1 and seq.request.max_tokens - seq.generated >= 2:
+                # decoding with room for two more tokens: the last row's logits give the draft
+                rows.append(len(ids) - 1)
+                drafting.append(seq)
+        if not spans:
+            return
+        plan = _Plan(ids, spans, rows, hidden_rows)
+        if self.distributed:
+            share_from_rank0(plan)
+        q_logits = _execute_mtp(self.model, self.mtp_pool, plan, hidden_1TD, self.device)
+        for seq, q_V in zip(drafting, q_logits):
+            sampling = seq.request.sampling
+            if sampling.temperature == 0:
+                seq.draft = int(q_V.argmax())
+            else:
+                seq.draft_probs = sampling_probs(q_V.float().cpu().view(1, -1), sampling)[0]
+                seq.draft = int(torch.multinomial(seq.draft_probs, 1, generator=seq.generator))
+
+    def _forward(self, plan: _Plan) -> tuple[Tensor, Tensor | None]:
+        """The logits [rows, V] of one step's plan and, when drafting, the trunk's pre-norm hidden
+        states [1, T, D] (broadcast first when distributed)."""
         if self.distributed:
             share_from_rank0(plan)
         return _execute(self.model, self.pool, plan, self.device)
@@ -352,20 +442,36 @@ def follow(model: PanguProMoEForCausalLM, config: EngineConfig = EngineConfig())
     device = next(model.parameters()).device
     _check_config(config, model.config)
     pool = _allocate_pool(model, config, device)
+    mtp_pool = _allocate_pool(model, config, device, mtp=True) if config.speculative else None
+    hidden = None
     with torch.inference_mode():
         while True:
             plan = share_from_rank0()
             if plan is None:
                 return
-            _execute(model, pool, plan, device)
+            if plan.hidden_rows is None:
+                _, hidden = _execute(model, pool, plan, device)
+            else:
+                _execute_mtp(model, mtp_pool, plan, hidden, device)
 
 
-def _execute(model: PanguProMoEForCausalLM, pool: KVPool, plan: _Plan, device: torch.device) -> Tensor:
+def _execute(model: PanguProMoEForCausalLM, pool: KVPool, plan: _Plan,
+             device: torch.device) -> tuple[Tensor, Tensor]:
     batch = PagedBatch(pool, plan.spans, device)
     ids = torch.tensor(plan.input_ids, dtype=torch.long, device=device).view(1, -1)
     rows = torch.tensor(plan.logit_rows, dtype=torch.long, device=device)
     out = model(ids, cache=batch, logits_slice=rows)
-    return out.logits[0]
+    return out.logits[0], out.pre_norm_hidden
+
+
+def _execute_mtp(model: PanguProMoEForCausalLM, pool: KVPool, plan: _Plan, hidden_1TD: Tensor,
+                 device: torch.device) -> Tensor:
+    """The MTP module over the plan's positions (its own one-layer pool, slot = trunk position)."""
+    batch = PagedBatch(pool, plan.spans, device)
+    ids = torch.tensor(plan.input_ids, dtype=torch.long, device=device).view(1, -1)
+    hidden = hidden_1TD[:, torch.tensor(plan.hidden_rows, dtype=torch.long, device=device)]
+    rows = torch.tensor(plan.logit_rows, dtype=torch.long, device=device)
+    return model.mtp_forward(hidden, ids, cache=batch, logits_slice=rows).logits[0]
 
 
 def _check_config(config: EngineConfig, cfg) -> int:
@@ -383,8 +489,10 @@ def _check_config(config: EngineConfig, cfg) -> int:
     return limit
 
 
-def _allocate_pool(model: PanguProMoEForCausalLM, config: EngineConfig, device: torch.device) -> KVPool:
-    layers = model.model.layers
+def _allocate_pool(model: PanguProMoEForCausalLM, config: EngineConfig, device: torch.device,
+                   mtp: bool = False) -> KVPool:
+    """The trunk's pool, or the MTP modules' (one layer each, indexed by trunk position)."""
+    layers = model.model.mtp if mtp else model.model.layers
     attn_cfg = layers[0].self_attn.cfg if len(layers) else model.config  # this rank's heads under a plan
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
