@@ -280,3 +280,30 @@ def test_speculative_sampling_draws_from_the_target_distribution():
     tv = 0.5 * (counts / n - exact).abs().sum()
     assert tv < 0.06, tv  # the TV distance of 3000 draws over 36 cells is ~0.04 by chance
     assert 0 < sum(o for o in accepted.values()) < sum(drafted.values())
+
+
+def test_a_w8a8_model_serves_what_it_generates():
+    """The engine runs the quantized modules as they are: each request equals W8A8 `generate` alone."""
+    from moge.quant.model import quantize_model
+
+    model = make_model(CFG)
+    prompts = _prompts([9, 4, 13], seed=6)
+    quantize_model(model, torch.tensor(prompts[0]).view(1, -1))
+    engine = Engine(model, EngineConfig(kv_blocks=32, block_size=4, step_tokens=8))
+    tokens, _, _ = _drain(engine, {0: [Request(str(i), p, 6) for i, p in enumerate(prompts)]})
+    for i, p in enumerate(prompts):
+        assert tokens[str(i)] == _alone(model, p, 6)
+
+
+def test_voted_experts_serve_and_equal_generate_for_a_lone_request():
+    """Voting is a batch-level choice (the experts most chosen by the step's tokens), so a request
+    alone in the engine gets what `generate` gives it alone; in a busy batch it still finishes."""
+    from moge.nn.routing import set_num_voted_experts
+
+    model = set_num_voted_experts(make_model(CFG.replace(num_experts=8, num_groups=2, top_k=2)), 2)
+    prompt = _prompts([10], seed=7)[0]
+    engine = Engine(model, EngineConfig(kv_blocks=32, block_size=4))
+    tokens, _, _ = _drain(engine, {0: [Request("a", prompt, 6)]})
+    assert tokens["a"] == _alone(model, prompt, 6)
+    tokens, reasons, _ = _drain(engine, {0: [Request(str(i), p, 5) for i, p in enumerate(_prompts([3, 8, 5]))]})
+    assert set(reasons.values()) == {"length"} and all(len(t) == 5 for t in tokens.values())
