@@ -28,6 +28,7 @@ from moge import checkpoint
 from moge.errors import ConfigError, MissingFileError
 from moge.hf.config import PanguProMoEConfig, register_config
 from moge.nn.model import PanguProMoEForCausalLM as MoGECausalLM
+from moge.nn.model import sdpa
 
 __all__ = ["PanguProMoEConfig", "PanguProMoEForCausalLM", "register", "register_model"]
 
@@ -41,7 +42,7 @@ _LOADER_OPTIONS_IGNORED = frozenset({
 
 
 class _CacheView:
-    """Our model's cache protocol (`length`, `update`, `advance`) over a transformers `Cache`.
+    """Our model's cache protocol (`length`, `update`, `attend`) over a transformers `Cache`.
 
     Built once per forward call: `length` must stay the cached length from before this call while
     the layers append to the transformers cache one by one. Transformers passes the attention mask
@@ -58,8 +59,9 @@ class _CacheView:
     def update(self, layer: int, k_BHSd: Tensor, v_BHSd: Tensor) -> tuple[Tensor, Tensor]:
         return self.cache.update(k_BHSd, v_BHSd, layer)
 
-    def advance(self, tokens: int, valid_new_BS: Tensor) -> None:
-        """Nothing to do: the transformers cache counted the tokens in `update`."""
+    def attend(self, layer: int, q_BHSd: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, mask: Tensor | None) -> Tensor:
+        k, v = self.update(layer, k_BHSd, v_BHSd)
+        return sdpa(q_BHSd, k, v, mask)
 
 
 class PanguProMoEForCausalLM(PreTrainedModel, GenerationMixin):
