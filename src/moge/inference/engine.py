@@ -223,6 +223,12 @@ class Engine:
         outputs += self._run(items)
         return outputs
 
+    def keepalive(self) -> None:
+        """Tell the followers the engine is alive though idle (an empty plan), so their wait for the
+        next step never reaches the collective timeout. The server calls it when idle."""
+        if self.distributed:
+            share_from_rank0(_Plan([], [], []))
+
     def close(self) -> None:
         """Release the followers of a distributed engine (they return from `follow`)."""
         if self.distributed:
@@ -449,6 +455,8 @@ def follow(model: PanguProMoEForCausalLM, config: EngineConfig = EngineConfig())
             plan = share_from_rank0()
             if plan is None:
                 return
+            if not plan.spans:  # keepalive
+                continue
             if plan.hidden_rows is None:
                 _, hidden = _execute(model, pool, plan, device)
             else:
