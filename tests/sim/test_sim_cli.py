@@ -109,3 +109,25 @@ def test_help_texts(capsys):
         except SystemExit as e:
             assert e.code == 0
         assert "--json" in capsys.readouterr().out
+
+
+def test_uncertainty_and_feature_flags(capsys):
+    assert main(PAPER + ["--json", "--uncertainty", "--samples", "6", "--seed", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    u = out["uncertainty"]
+    assert u["samples"] == 6
+    for m in ("ttft_ms", "tpot_ms", "throughput_tok_s_per_card"):
+        q = u["quantiles"][m]
+        assert q["p10"] <= q["p50"] <= q["p90"]
+        assert len(u["most_sensitive"][m]) == 3
+    assert main(PAPER + ["--uncertainty", "--samples", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "p10" in text and "most sensitive" in text
+    assert main(PAPER + ["--json", "--voted-experts", "5", "--overlap-comm", "--exec-mode", "eager",
+                         "--mtp-accepted", "0.8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["voted_experts"] == 5 and out["overlap_comm"] and out["exec_mode"] == "eager"
+    assert out["mtp"]["draft_tokens"] == 1 and out["mtp"]["tokens_per_step"] == pytest.approx(1.8)
+    assert out["tpot_ms"] == pytest.approx(out["step_ms"] / 1.8)
+    assert main(PAPER + ["--voted-experts", "0"]) == 2
+    assert "voted_experts=0" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Hand-computed costs: rooflines, collectives and a whole decode step of a small dense model."""
 
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +13,10 @@ from moge.sim.plans import ParallelPlan
 from moge.sim.quant import quant_scheme
 from moge.sim.simulate import Scenario, simulate
 
-PERFECT = Efficiency(compute=1.0, memory=1.0, link=1.0, op_overhead_us=0.0, name="perfect")
+# Every stream at its peak, no fixed costs, no padding, and a cache that holds every operand.
+PERFECT = Efficiency(compute=1.0, weight_stream=1.0, kv_attention=1.0, elementwise=1.0, link=1.0, kernel_us=0.0,
+                     host_us=0.0, attn_seq_us=0.0, gmm_rel=1.0, gmm_tile_m=1.0, gemm_tile=1.0, cache_mib=1e9,
+                     name="perfect")
 
 
 def toy_hw(**kw) -> HardwareProfile:
@@ -57,7 +61,7 @@ def test_gemm_compute_bound_by_hand():
 
 
 def test_efficiency_divides_peaks():
-    half = Efficiency(compute=0.5, memory=0.25, link=1.0, op_overhead_us=0.0)
+    half = dataclasses.replace(PERFECT, compute=0.5, elementwise=0.25)
     cm = cost_model(hw=toy_hw(efficiency=half))
     assert cm.gemm("g", 8192, 8192, 8192, 2, 2, 2, "bf16").time_s == pytest.approx(2 * 8192**3 / 50e12)
     assert cm.elementwise("e", 1e9).time_s == pytest.approx(1e9 / 250e9)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,10 +20,13 @@ from moge.sim.straggler import ROUTING_HELP
 SIM_DESCRIPTION = """\
 Predict how fast a dense, top-K MoE or MoGE model serves on given hardware with a given parallel
 plan: TTFT, TPOT, throughput per card, memory per card and where the time goes, operator by
-operator, on the busiest device. GEMMs and attention are rooflines over the profile's peaks,
-collectives are alpha-beta costs per interconnect level, routed experts wait for the busiest
-expert-parallel device (Monte Carlo of the routing model), and four efficiency factors fitted
-only to the paper's three Ascend 800I A2 points are applied to every other setting unchanged.
+operator, on the busiest device. Each stream has its own efficiency: GEMMs are rooflines of the
+compute ceiling and weight streaming (with DRAM re-reads of tiles that do not fit on chip),
+routed experts are grouped GEMMs padded per expert, attention reads the KV cache at its own
+efficiency plus a cost per sequence, collectives are alpha-beta costs per interconnect level, and
+every kernel has a fixed device cost (and a host cost in eager mode). Three factors are fitted,
+one per paper point (Ascend 800I A2); every other number is a prior with a source and a range,
+which --uncertainty propagates to p10/p50/p90.
 See docs/simulator.md for the equations, assumptions and known blind spots.
 
 example (the paper's decode setting):
@@ -68,6 +72,23 @@ def _common(p: argparse.ArgumentParser, search: bool = False) -> None:
                         "is given)")
     p.add_argument("--mtp-acceptance", type=float, default=0.0,
                    help="probability that each draft token is accepted (tokens per step = 1 + a + a^2 + ...)")
+    p.add_argument("--mtp-accepted", type=float, default=None,
+                   help="mean accepted draft tokens per step, as serving logs report it: TPOT = step / (1 + "
+                        "accepted); overrides --mtp-acceptance (default draft count 1, or ceil(accepted))")
+    p.add_argument("--voted-experts", type=int, default=None,
+                   help="experts kept per group per batch (the release's Atlas 300I Duo rule, 5 of 8): the busiest "
+                        "device reads at most this many experts per local group")
+    p.add_argument("--overlap-comm", action="store_true",
+                   help="hide a share (the profile's comm_overlap) of the shorter of communication and compute")
+    p.add_argument("--exec-mode", choices=("graph", "eager"), default="graph",
+                   help="graph: the step is device time; eager: max(host launch time, device time)")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="propagate every prior's range (Monte Carlo, refitting the calibrated factors per sample) "
+                        "and print p10/p50/p90 of TTFT, TPOT and throughput and the three most influential inputs "
+                        "(search --arch: Pangu Pro MoE's rank per draw)")
+    p.add_argument("--samples", type=int, default=200 if not search else 20,
+                   help="Monte Carlo samples for --uncertainty (search --arch: one full search per sample)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for --uncertainty")
     p.add_argument("--tpot-bound-ms", type=float, default=None, help="latency bound on TPOT (decode)")
     p.add_argument("--ttft-bound-ms", type=float, default=None, help="latency bound on TTFT (prefill)")
     p.add_argument("--calibration", metavar="FILE.json", default=None,
@@ -143,7 +164,12 @@ def _model(args):
 
 
 def _mtp(args) -> tuple[int, float]:
-    draft = args.mtp_draft if args.mtp_draft is not None else (1 if args.mtp_acceptance > 0 else 0)
+    if args.mtp_draft is not None:
+        draft = args.mtp_draft
+    elif args.mtp_accepted is not None:
+        draft = max(1, math.ceil(args.mtp_accepted))
+    else:
+        draft = 1 if args.mtp_acceptance > 0 else 0
     return draft, args.mtp_acceptance
 
 
@@ -176,7 +202,13 @@ def _scenario(args, batch: int, model, name, hw, plan) -> Scenario:
     return Scenario(model, hw, cards=args.cards, stage=args.stage, batch=batch, input_len=args.input_len,
                     output_len=args.output_len, quant=args.quant, kv_cache=args.kv_cache, plan=plan,
                     routing=args.routing, mtp_draft=draft, mtp_acceptance=acc, model_name=name,
-                    tpot_bound_ms=args.tpot_bound_ms, ttft_bound_ms=args.ttft_bound_ms)
+                    tpot_bound_ms=args.tpot_bound_ms, ttft_bound_ms=args.ttft_bound_ms, **_features(args))
+
+
+def _features(args) -> dict:
+    """The deployment features that are Scenario fields (MTP draft/acceptance aside)."""
+    return {"mtp_accepted": args.mtp_accepted, "voted_experts": args.voted_experts,
+            "overlap_comm": args.overlap_comm, "exec_mode": args.exec_mode}
 
 
 def _print_json(obj) -> None:
@@ -218,15 +250,26 @@ def run_simulate(args: argparse.Namespace) -> int:
         from moge.sim.report import plot_breakdown
 
         plot_breakdown(result, args.plot)
+    unc = None
+    if args.uncertainty:
+        from moge.sim.uncertainty import propagate
+
+        batch = result.scenario.batch
+        unc = propagate(lambda h: _scenario(args, batch, model, name, h, plan), hw, samples=args.samples,
+                        seed=args.seed, calibration=args.calibration).as_dict()
     if args.json:
         out = result.as_dict()
         if args.plot:
             out["plot"] = args.plot
+        if unc is not None:
+            out["uncertainty"] = unc
         _print_json(out)
     else:
-        from moge.sim.report import format_result
+        from moge.sim.report import format_result, format_uncertainty
 
         print(format_result(result))
+        if unc is not None:
+            print("\n" + format_uncertainty(unc))
         if args.plot:
             print(f"\nbreakdown chart written to {args.plot}")
     return 0
@@ -262,25 +305,27 @@ def _run_sweep(args, model, name, hw, plan) -> int:
 
 def _run_validate(args) -> int:
     from moge.sim import calibration as cal
-    from moge.sim.hardware import efficiency_from_set
+    from moge.sim.hardware import fitted_from_set
 
-    eff = efficiency_from_set(cal.SET_NAME, args.calibration)
-    rows = cal.validate(eff)
+    fitted = fitted_from_set(cal.SET_NAME, args.calibration)
+    rows = cal.validate(fitted)
     stored = cal.stored_record(args.calibration)
     loo = stored.get("leave_one_out", [])
     if args.json:
-        _print_json({"factors": eff.as_dict(), "settings": cal.SETTINGS, "points": rows, "leave_one_out": loo})
+        _print_json({"factors": fitted, "settings": cal.SETTINGS, "points": rows, "leave_one_out": loo,
+                     "leave_one_out_all_free": stored.get("leave_one_out_all_free", [])})
         return 0
-    print(f"calibration set {cal.SET_NAME}: compute {eff.compute:.4f}, memory {eff.memory:.4f}, "
-          f"link {eff.link:.4f}, {eff.op_overhead_us:.3f} us per operator")
+    print(f"calibration set {cal.SET_NAME}: compute {fitted['compute']:.4f}, kv_attention "
+          f"{fitted['kv_attention']:.4f}, kernel_us {fitted['kernel_us']:.3f} (weight_stream prior "
+          f"{fitted['weight_stream_ref']:.2f})")
     print(f"settings: {cal.SETTINGS}")
-    print(f"{'point':<36}{'metric':>9}{'given':>10}{'fitted':>11}{'error':>9}")
+    print(f"{'point':<36}{'pins':>14}{'given':>10}{'fitted':>11}{'error':>9}")
     for r in rows:
-        print(f"{r['point']:<36}{r['metric']:>9}{r['given']:>10.2f}{r['predicted']:>11.2f}{r['rel_error']:>+9.1%}")
+        print(f"{r['point']:<36}{r['pins']:>14}{r['given']:>10.2f}{r['predicted']:>11.2f}{r['rel_error']:>+9.1%}")
     if loo:
-        print("\nleave-one-out (fit on the other two points, predict this one):")
+        print("\nleave-one-out (fit on the other two points; the held-out point's factor at its prior):")
         for r in loo:
-            print(f"{r['held_out']:<36}{'':>9}{r['given']:>10.2f}{r['predicted']:>11.2f}{r['rel_error']:>+9.1%}")
+            print(f"{r['held_out']:<36}{'':>14}{r['given']:>10.2f}{r['predicted']:>11.2f}{r['rel_error']:>+9.1%}")
     return 0
 
 
@@ -291,8 +336,8 @@ def _run_calibrate(args) -> int:
     if args.json:
         _print_json(record)
         return 0
-    print(f"fitted: compute {record['compute']}, memory {record['memory']}, link {record['link']}, "
-          f"op_overhead_us {record['op_overhead_us']}")
+    f = record["fitted"]
+    print(f"fitted: compute {f['compute']}, kv_attention {f['kv_attention']}, kernel_us {f['kernel_us']}")
     for r in record["residuals"]:
         print(f"  {r['point']:<36} given {r['given']:>8.2f}  fitted {r['predicted']:>8.2f}  {r['rel_error']:+.2%}")
     print("leave-one-out:")
@@ -324,7 +369,7 @@ def run_search(args: argparse.Namespace) -> int:
                                   ttft_bound_ms=args.ttft_bound_ms, plans=plans, max_pp=args.max_pp,
                                   model_name=name, input_len=args.input_len, output_len=args.output_len,
                                   quant=args.quant, kv_cache=args.kv_cache, routing=args.routing,
-                                  mtp_draft=draft, mtp_acceptance=acc)
+                                  mtp_draft=draft, mtp_acceptance=acc, **_features(args))
     feasible = [c for c in choices if c.result is not None]
     if args.json:
         _print_json({"model": name, "hardware": hw.name, "cards": args.cards, "stage": args.stage,
@@ -361,6 +406,14 @@ def _run_arch(args) -> int:
     res = search.architecture_search(targets, grid=args.grid, input_len=args.input_len, output_len=args.output_len,
                                      quant=args.quant, progress=progress)
     d = res.as_dict()
+    if args.uncertainty:
+        def sample_progress(i: int, n: int) -> None:
+            if not args.json:
+                print(f"  uncertainty: search {i}/{n} done", file=sys.stderr)
+
+        d["uncertainty"] = search.arch_uncertainty(targets, samples=args.samples, seed=args.seed, grid=args.grid,
+                                                   input_len=args.input_len, output_len=args.output_len,
+                                                   quant=args.quant, progress=sample_progress)
     if args.plot:
         from moge.sim.report import plot_arch_search
 
@@ -379,6 +432,13 @@ def _run_arch(args) -> int:
     r = ranks.get("combined")
     if r:
         print(f"  combined (geometric mean): rank {r['rank']} of {r['of']}; best {r['best']}")
+    u = d.get("uncertainty")
+    if u:
+        print(f"  with uncertainty ({u['samples']} Monte Carlo draws of every ranged input): Pangu Pro MoE's rank")
+        for key, q in u["quantiles"].items():
+            label = d["targets"][int(key[1:])] if key.startswith("t") else "combined"
+            print(f"    {label}: p10 {q['p10']:.0f}, p50 {q['p50']:.0f}, p90 {q['p90']:.0f} of {u['of']} "
+                  f"(best {u['best_rank'][key]}, top-10 in {u['top10_share'][key]:.0%} of draws)")
     par = d["pangu_pareto_activated_vs_combined"]
     if par:
         print(f"  candidates with >= Pangu's activated parameters and a better combined score: "

@@ -2,6 +2,8 @@
 
 time = steps * latency + wire_bytes / (link_efficiency * bandwidth_per_device)
 
+bandwidth_per_device is the level's figure over `shared_by` (devices behind one port).
+
 `size_bytes` is the full tensor each device holds at the large end of the operation: the input of
 an all-reduce or reduce-scatter, the output of an all-gather. For all-to-all it is the bytes a
 device sends to other devices. A collective whose group crosses several levels is costed on the
@@ -25,7 +27,7 @@ COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p"
 
 
 def effective_bandwidth_Bps(level: LinkLevel, group_size: int, link_efficiency: float) -> float:
-    bw = level.bandwidth_GBps * 1e9 * link_efficiency
+    bw = level.device_bandwidth_GBps * 1e9 * link_efficiency
     if level.topology == "full_mesh" and level.devices > 1:
         bw *= min(group_size - 1, level.devices - 1) / (level.devices - 1)
     return bw

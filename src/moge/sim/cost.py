@@ -1,17 +1,26 @@
 """Operator-level cost of one forward step on the busiest device of a pipeline stage.
 
-Every operator is costed by one of two rules:
+Each physical stream has its own efficiency (hardware.Efficiency), so a factor set by one regime
+is not charged to another:
 
-    roofline    t = max(FLOPs / (peak[dtype] * eff.compute), bytes / (mem_bw * eff.memory))
-    collective  t = alpha-beta cost on the interconnect level its group spans (collectives.py)
+    dense GEMM      t = max(FLOPs / (peak[dtype] * compute),  traffic / (bw * weight_stream))
+                    traffic = W * r(m, W) + A * r(n, A) + out, r(x, B) = 1 if B fits the cache else max(1, x / tile)
+    grouped GEMM    as dense, with rows m + A_act * gmm_tile_m / 2 (half a tile of padding per active
+                    expert) at compute * gmm_rel, and weights read max(A_act, m / tile) times
+    attention       t = max(FLOPs / (peak16 * compute), KV / (bw * kv_attention) + QO / (bw * elementwise))
+                        + sequences * attn_seq_us
+    elementwise     t = bytes / (bw * elementwise)
+    collective      t = alpha-beta cost on the interconnect level its group spans (collectives.py)
 
-plus a fixed `eff.op_overhead_us` per launched kernel, reported on its own line ("overhead").
-Nothing overlaps: the step time is the plain sum (a known pessimism, see docs/simulator.md).
+Every launched kernel also costs `kernel_us` of device time (the "overhead" line) and `host_us` of
+host time. Graph mode: the step is the device time. Eager mode: max(host, device); a host-bound
+excess appears as its own line. With `overlap_comm`, a fraction `comm_overlap` of the shorter of
+(communication, everything else) is hidden; otherwise nothing overlaps.
 
 One decoder layer is built once per step shape and multiplied by the layers of a stage. The
-routed-expert GEMM reads only the experts that received tokens and computes the busiest
-device's assignments (straggler.py); under attention DP the busiest DP rank holds
-ceil(sequences / attn_dp) sequences.
+routed-expert GEMM reads only the experts that received tokens (at most `voted_experts` per group
+when voting is on) and computes the busiest device's assignments (straggler.py); under attention
+DP the busiest DP rank holds ceil(sequences / attn_dp) sequences.
 """
 
 from __future__ import annotations
@@ -57,19 +66,31 @@ class StepShape:
     logits_per_seq: int
 
 
+EXEC_MODES = ("graph", "eager")
+
+
 @dataclass
 class StepCost:
-    """Per-operator times (seconds, summed over the layers of a stage) and their total."""
+    """Per-operator device times (seconds, summed over the layers of a stage), launches and host time.
+
+    `ops` sums to the step time once `finish` has run: it then also holds the hidden communication
+    (a negative "comm_overlap" line) and, in eager mode, the host-bound excess ("host_bound").
+    """
 
     ops: dict[str, float] = field(default_factory=dict)
     detail: dict[str, Op] = field(default_factory=dict)
     load: LoadStats | None = None
     traffic: dict[str, float] = field(default_factory=dict)  # bytes per step: weights, kv_cache, collectives
+    launches: float = 0.0
+    comm_s: float = 0.0
 
     def add(self, op: Op, times: float = 1.0, overhead_s: float = 0.0, prefix: str = "") -> None:
         key = prefix + op.name
         self.ops[key] = self.ops.get(key, 0.0) + op.time_s * times
         self.ops["overhead"] = self.ops.get("overhead", 0.0) + op.launches * overhead_s * times
+        self.launches += op.launches * times
+        if op.bound == "link":
+            self.comm_s += op.time_s * times
         for kind, b in (("weights", op.weight_bytes), ("kv_cache", op.kv_bytes),
                         ("collectives", op.bytes if op.bound == "link" else 0.0)):
             self.traffic[kind] = self.traffic.get(kind, 0.0) + b * times
@@ -78,7 +99,21 @@ class StepCost:
 
     def scale(self, factor: float) -> "StepCost":
         return StepCost({k: v * factor for k, v in self.ops.items()}, dict(self.detail), self.load,
-                        {k: v * factor for k, v in self.traffic.items()})
+                        {k: v * factor for k, v in self.traffic.items()}, self.launches * factor,
+                        self.comm_s * factor)
+
+    def finish(self, host_us: float, exec_mode: str = "graph", overlap: float = 0.0) -> "StepCost":
+        """Apply overlap and the host/device rule (see module doc); returns self."""
+        device = sum(self.ops.values())
+        if overlap > 0:
+            hidden = overlap * min(self.comm_s, device - self.comm_s)
+            self.ops["comm_overlap"] = -hidden
+            device -= hidden
+        if exec_mode == "eager":
+            host = self.launches * host_us * 1e-6
+            if host > device:
+                self.ops["host_bound"] = host - device
+        return self
 
     @property
     def total_s(self) -> float:
@@ -89,37 +124,92 @@ class CostModel:
     """Builds and costs the operators of a model under one plan, quantization and routing model."""
 
     def __init__(self, model: ModelConfig, hardware: HardwareProfile, plan: ParallelPlan, quant: QuantScheme,
-                 routing: RoutingModel | None):
+                 routing: RoutingModel | None, voted_experts: int | None = None, exec_mode: str = "graph",
+                 overlap_comm: bool = False):
         self.model, self.hw, self.plan, self.quant, self.routing = model, hardware, plan, quant, routing
         self.eff = hardware.efficiency
-        self.overhead_s = self.eff.op_overhead_us * 1e-6
+        self.overhead_s = self.eff.kernel_us * 1e-6
+        self.voted_experts = voted_experts
+        self.exec_mode = exec_mode
+        self.overlap = self.eff.comm_overlap if overlap_comm else 0.0
 
     # ---- primitive costs --------------------------------------------------------------------
-    def roofline(self, name: str, flops: float, nbytes: float, dtype: str, launches: int = 1) -> Op:
-        t_c = flops / (self.hw.peak_flops(dtype) * self.eff.compute) if flops else 0.0
-        t_m = nbytes / (self.hw.memory_Bps * self.eff.memory)
+    def _stream_s(self, nbytes: float, efficiency: float) -> float:
+        return nbytes / (self.hw.memory_Bps * efficiency)
+
+    def _compute_s(self, flops: float, dtype: str, relative: float = 1.0) -> float:
+        return flops / (self.hw.peak_flops(dtype) * self.eff.compute * relative) if flops else 0.0
+
+    def roofline(self, name: str, flops: float, nbytes: float, dtype: str, launches: int = 1,
+                 stream: float | None = None) -> Op:
+        """max(compute, memory) with the weight-streaming efficiency unless `stream` is given."""
+        t_c = self._compute_s(flops, dtype)
+        t_m = self._stream_s(nbytes, self.eff.weight_stream if stream is None else stream)
         return Op(name, max(t_c, t_m), flops, nbytes, launches, "compute" if t_c > t_m else "memory")
+
+    def rereads(self, rows: float, operand_bytes: float) -> float:
+        """How often an operand is read from DRAM when the other operand spans `rows` output rows: once
+        if it fits in the on-chip cache (`cache_mib`), else once per output tile of `gemm_tile` rows
+        (the continuous form of ceil(rows / tile))."""
+        if operand_bytes <= self.eff.cache_mib * 2**20:
+            return 1.0
+        return max(1.0, rows / self.eff.gemm_tile)
 
     def gemm(self, name: str, m: float, k: float, n: float, w_bytes: float, in_bytes: float, out_bytes: float,
              dtype: str) -> Op:
-        """[m, k] x [k, n]: weights read once, activations in and out."""
-        op = self.roofline(name, 2.0 * m * k * n, k * n * w_bytes + m * k * in_bytes + m * n * out_bytes, dtype)
-        op.weight_bytes = k * n * w_bytes
-        return op
-
-    def swiglu(self, name: str, tokens: float, width: float, weight_experts: float) -> Op:
-        """gate/up/down of a SwiGLU MLP over `tokens` rows, reading `weight_experts` weight sets."""
-        d, q = self.model.hidden_size, self.quant
-        flops = 2.0 * 3 * d * width * tokens
-        weights = weight_experts * 3 * d * width * q.weight_bytes
-        nbytes = weights + tokens * (d * q.act_bytes + 2 * width * q.float_bytes + width * q.act_bytes
-                                     + d * q.float_bytes)
-        op = self.roofline(name, flops, nbytes, q.gemm_dtype, launches=3)
+        """[m, k] x [k, n]: weights re-read once per tile of m rows, activations once per tile of n."""
+        weights = k * n * w_bytes * self.rereads(m, k * n * w_bytes)
+        acts = m * k * in_bytes * self.rereads(n, m * k * in_bytes)
+        op = self.roofline(name, 2.0 * m * k * n, weights + acts + m * n * out_bytes, dtype)
         op.weight_bytes = weights
         return op
 
+    def _swiglu_bytes(self, tokens: float, width: float) -> float:
+        """Activation traffic of gate/up ([T, d] x [d, 2I]) and down ([T, I] x [I, d]), with re-reads."""
+        d, q = self.model.hidden_size, self.quant
+        x_in, x_mid = tokens * d * q.act_bytes, tokens * width * q.act_bytes
+        return (x_in * self.rereads(2 * width, x_in) + x_mid * self.rereads(d, x_mid)
+                + tokens * (2 * width * q.float_bytes + d * q.float_bytes))
+
+    def swiglu(self, name: str, tokens: float, width: float, weight_experts: float) -> Op:
+        """gate/up/down of a dense SwiGLU MLP over `tokens` rows, reading `weight_experts` weight sets."""
+        d, q = self.model.hidden_size, self.quant
+        one = 3 * d * width * q.weight_bytes
+        weights = weight_experts * one * self.rereads(tokens, one)
+        op = self.roofline(name, 2.0 * 3 * d * width * tokens, weights + self._swiglu_bytes(tokens, width),
+                           q.gemm_dtype, launches=3)
+        op.weight_bytes = weights
+        return op
+
+    def grouped_swiglu(self, name: str, rows: float, width: float, active: float) -> Op:
+        """Routed experts as one grouped GEMM: `rows` token-expert rows over `active` experts.
+
+        Each active expert pads its rows to the M tile (half a tile on average), and the grouped
+        kernel runs at gmm_rel of a dense GEMM's rate; an expert's weights are read once per tile
+        of its rows (max(active, rows / tile) weight sets in all).
+        """
+        d, q, e = self.model.hidden_size, self.quant, self.eff
+        padded = rows + active * e.gmm_tile_m / 2
+        t_c = self._compute_s(2.0 * 3 * d * width * padded, q.gemm_dtype, e.gmm_rel)
+        one = 3 * d * width * q.weight_bytes
+        weights = one * (active if one <= e.cache_mib * 2**20 else max(active, rows / e.gemm_tile))
+        nbytes = weights + self._swiglu_bytes(rows, width)
+        t_m = self._stream_s(nbytes, e.weight_stream)
+        op = Op(name, max(t_c, t_m), 2.0 * 3 * d * width * rows, nbytes, 3, "compute" if t_c > t_m else "memory")
+        op.weight_bytes = weights
+        return op
+
+    def attention(self, name: str, flops: float, kv_bytes: float, qo_bytes: float, seqs: int, dtype: str) -> Op:
+        """Attention over the KV cache: its own bandwidth efficiency plus a fixed cost per sequence."""
+        t_c = self._compute_s(flops, dtype)
+        t_m = self._stream_s(kv_bytes, self.eff.kv_attention) + self._stream_s(qo_bytes, self.eff.elementwise)
+        op = Op(name, max(t_c, t_m) + seqs * self.eff.attn_seq_us * 1e-6, flops, kv_bytes + qo_bytes, 2,
+                "compute" if t_c > t_m else "memory")
+        op.kv_bytes = kv_bytes
+        return op
+
     def elementwise(self, name: str, nbytes: float, launches: int = 1) -> Op:
-        return Op(name, nbytes / (self.hw.memory_Bps * self.eff.memory), 0.0, nbytes, launches, "memory")
+        return Op(name, self._stream_s(nbytes, self.eff.elementwise), 0.0, nbytes, launches, "memory")
 
     def comm(self, name: str, kind: str, nbytes: float, group: int, span: int) -> Op | None:
         """A collective over `group` devices whose members lie within `span` consecutive devices."""
@@ -158,9 +248,8 @@ class CostModel:
         keys = max(1.0, shape.context_len - (new - 1) / 2)  # causal: mean keys per new token
         attn_flops = 4.0 * t_a * keys * hd * h_loc
         kv_read = seqs_a * shape.context_len * 2 * kv_loc * hd * q.kv_bytes
-        attn = self.roofline("attention", attn_flops, kv_read + t_a * h_loc * hd * 2 * fb, q.float_dtype, launches=2)
-        attn.kv_bytes = kv_read
-        ops.append(attn)
+        ops.append(self.attention("attention", attn_flops, kv_read, t_a * h_loc * hd * 2 * fb, seqs_a,
+                                  q.float_dtype))
         ops.append(self.gemm("o_proj", t_a, h_loc * hd, d, q.weight_bytes, ab, fb, q.gemm_dtype))
         if a_tp > 1:
             if sharded:
@@ -209,7 +298,7 @@ class CostModel:
         ep = p.expert_ep
         stats = load_stats(self.routing, n, m.top_k, m.num_groups, ep, routed_tokens)
         router = self.gemm("router", router_tokens, d, n, fb, fb, 4, q.float_dtype)
-        router.time_s += router_tokens * n * 4 * 2 / (self.hw.memory_Bps * self.eff.memory)  # softmax + top-k
+        router.time_s += self._stream_s(router_tokens * n * 4 * 2, self.eff.elementwise)  # softmax + top-k
         router.launches = 2
         ops.append(router)
         if alltoall and ep > 1:
@@ -219,12 +308,24 @@ class CostModel:
         load = stats.max_load
         ops.append(self.elementwise("expert_permute", (routed_tokens + load) * d * (ab + fb), launches=2))
         width = m.expert_intermediate_size / p.expert_tp
-        ops.append(self.swiglu("routed_experts", load, width, stats.max_active_experts))
+        ops.append(self.grouped_swiglu("routed_experts", load, width, self.active_experts(stats)))
         if alltoall and ep > 1:
             remote = stats.devices_per_token * (1 - 1 / ep) * stats.straggler_factor
             ops.append(self.comm("moe_combine_all_to_all", "all_to_all", router_tokens * remote * d * fb,
                                  ep, p.stage_devices))
         return stats
+
+    def active_experts(self, stats: LoadStats) -> float:
+        """Distinct local experts the busiest device reads: the Monte Carlo's expectation, capped by
+        voting (each group keeps `voted_experts` experts per batch, the 300I Duo release's rule)."""
+        if not self.voted_experts:
+            return stats.max_active_experts
+        m, ep = self.model, self.plan.expert_ep
+        if self.routing is not None and self.routing.grouped:
+            cap = self.voted_experts * max(1.0, m.num_groups / ep)
+        else:
+            cap = min(self.voted_experts, m.num_experts / ep)
+        return min(stats.max_active_experts, cap)
 
     # ---- per-step extras ----------------------------------------------------------------------
     def head_ops(self, shape: StepShape, first_stage: bool = True, last_stage: bool = True) -> list[Op]:
@@ -279,6 +380,9 @@ class CostModel:
         all stages in turn, so the step is pp x the slowest (last) stage plus the sends.
         Prefill splits the tokens into pp chunks: (2 pp - 1) chunk-times of the last stage.
         """
+        return self._pipeline_cost(shape, mtp_draft, prefill).finish(self.eff.host_us, self.exec_mode, self.overlap)
+
+    def _pipeline_cost(self, shape: StepShape, mtp_draft: int, prefill: bool) -> StepCost:
         p, m = self.plan, self.model
         pp = p.pp
         layers = math.ceil(m.num_layers / pp)

@@ -5,13 +5,16 @@ against their sources and overridden without touching code. Every number may be 
 or as `{"value": x, "source": "...", "uncertain": true}`; the loader keeps the source notes and
 the list of uncertain fields so reports can say which inputs are guesses.
 
-Efficiency factors (how much of the peak a real kernel reaches) are not hardware facts: they are
-fitted to measured points and stored in `sim/hardware/_calibration.json`. A profile names the
-fitted set it uses with `"efficiency_from"`, or carries its own `"efficiency"` block.
+Kernel parameters (how much of each peak a real kernel reaches, fixed costs, tile sizes) are not
+hardware facts. Each profile's "kernels" block gives every one of them as a prior with a range and
+a source, as fitted (the value comes from `sim/hardware/_calibration.json`, set named by
+`kernels.calibration`), or as transferred from another family's fit with a factor range. A user
+profile may give a plain "efficiency" block instead. The ranges feed `moge.sim.uncertainty`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -27,40 +30,96 @@ TOPOLOGIES = ("full_mesh", "switch", "pcie", "ring")
 GIB = 1024**3
 
 
+# Kernel-efficiency parameters (see docs/simulator.md, "Cost model"). The first three are the only
+# ones ever fitted; every other one is a prior with a documented source or a stated assumption.
+FITTED = ("compute", "kv_attention", "kernel_us")
+FRACTIONS = ("compute", "weight_stream", "kv_attention", "elementwise", "link", "gmm_rel", "comm_overlap")
+DURATIONS = ("kernel_us", "host_us", "attn_seq_us")
+SIZES = ("gmm_tile_m", "gemm_tile", "cache_mib")
+KERNEL_PARAMS = FRACTIONS + DURATIONS + SIZES
+_LEGACY = {"memory": ("weight_stream", "kv_attention", "elementwise"), "op_overhead_us": ("kernel_us",)}
+
+
 @dataclass(frozen=True)
 class Efficiency:
-    """Achieved fraction of each peak, and a fixed cost per launched operator.
+    """What real kernels reach on one device, one number per physical stream.
 
-    compute         fraction of peak FLOP/s that GEMMs and attention reach
-    memory          fraction of memory bandwidth that weight and KV-cache streaming reach
-    link            fraction of link bandwidth that collectives reach
-    op_overhead_us  fixed time per operator (launch, synchronisation, short-kernel tail)
+    compute        fraction of peak FLOP/s a large dense GEMM (and prefill attention) reaches   [fitted]
+    weight_stream  fraction of memory bandwidth that streaming GEMM/GEMV weights reaches        [prior]
+    kv_attention   fraction of memory bandwidth that decode attention reaches on the KV cache   [fitted]
+    elementwise    fraction of memory bandwidth of norms, RoPE, permutes, sampling             [prior]
+    link           fraction of link bandwidth that collectives reach                           [prior]
+    kernel_us      device-side fixed cost of every kernel (fill, drain, sync); never hidden     [fitted]
+    host_us        host-side cost to launch one kernel; hidden in graph mode                    [prior]
+    attn_seq_us    attention's fixed cost per sequence per layer (block tables, split-K merge)  [prior]
+    gmm_rel        grouped-GEMM compute efficiency relative to dense GEMM at many rows/expert   [prior]
+    gmm_tile_m     rows of the grouped GEMM's M tile; an expert pads half a tile on average     [prior]
+    gemm_tile      output-tile edge of a GEMM; an operand that does not fit in the cache is re-read
+                   from DRAM once per tile of the other operand (LLMCompass-style)             [prior]
+    cache_mib      on-chip memory that keeps an operand across output tiles                    [prior]
+    comm_overlap   fraction of the shorter of compute/communication hidden with --overlap-comm [prior]
     """
 
     compute: float = 0.6
-    memory: float = 0.8
+    weight_stream: float = 0.85
+    kv_attention: float = 0.6
+    elementwise: float = 0.7
     link: float = 0.7
-    op_overhead_us: float = 10.0
+    kernel_us: float = 10.0
+    host_us: float = 10.0
+    attn_seq_us: float = 0.2
+    gmm_rel: float = 0.9
+    gmm_tile_m: float = 16.0
+    gemm_tile: float = 512.0
+    cache_mib: float = 32.0
+    comm_overlap: float = 0.7
     name: str = "prior"
 
     def __post_init__(self) -> None:
-        for f in ("compute", "memory", "link"):
+        for f in FRACTIONS:
             v = getattr(self, f)
-            if not (isinstance(v, (int, float)) and 0 < v <= 1):
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise ConfigError(f"efficiency.{f}={v!r} is invalid: must be a fraction in (0, 1]")
-        if not (isinstance(self.op_overhead_us, (int, float)) and self.op_overhead_us >= 0):
-            raise ConfigError(f"efficiency.op_overhead_us={self.op_overhead_us!r} is invalid: must be >= 0")
+        for f in DURATIONS:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and v >= 0):
+                raise ConfigError(f"efficiency.{f}={v!r} is invalid: must be >= 0 (microseconds)")
+        for f in SIZES:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and v >= 1):
+                raise ConfigError(f"efficiency.{f}={v!r} is invalid: must be >= 1 (rows)")
 
     def as_dict(self) -> dict[str, float]:
-        return {"compute": self.compute, "memory": self.memory, "link": self.link,
-                "op_overhead_us": self.op_overhead_us}
+        return {f: getattr(self, f) for f in KERNEL_PARAMS}
+
+
+@dataclass(frozen=True)
+class Prior:
+    """Where one kernel parameter of a profile comes from.
+
+    value   the point estimate (for a fitted parameter on the calibration hardware: the fit's prior)
+    lo, hi  the range the uncertainty propagation samples (triangular with mode `value`)
+    fitted  True: the value comes from the calibration set; on other hardware it is multiplied by a
+            transfer factor in `rel` (point 1) and, with derive="weight_stream", by this profile's
+            weight_stream over the calibration hardware's
+    """
+
+    value: float
+    lo: float
+    hi: float
+    source: str = ""
+    fitted: bool = False
+    rel: tuple[float, float] | None = None
+    derive: str = ""
 
 
 @dataclass(frozen=True)
 class LinkLevel:
     """One level of the interconnect: groups of up to `devices` devices joined by one fabric.
 
-    bandwidth_GBps is per device and per direction. For a full mesh it is the sum over the
+    bandwidth_GBps is per direction, for `shared_by` devices together (1 for a private link; 2 for
+    the two chips of an Atlas 300I Duo card behind one PCIe x16 slot, which every chip uses at the
+    same time in SPMD collectives, so each gets half). For a full mesh it is the sum over the
     device's links to all other members of the level, so a sub-group of p devices uses only
     (p-1)/(devices-1) of it.
     """
@@ -70,6 +129,7 @@ class LinkLevel:
     topology: str
     bandwidth_GBps: float
     latency_us: float
+    shared_by: int = 1
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
@@ -83,6 +143,14 @@ class LinkLevel:
                              "must be > 0")
         if not self.latency_us >= 0:
             raise ConfigError(f"interconnect[{self.name}].latency_us={self.latency_us!r} is invalid: must be >= 0")
+        if not (isinstance(self.shared_by, int) and 1 <= self.shared_by <= self.devices):
+            raise ConfigError(f"interconnect[{self.name}].shared_by={self.shared_by!r} is invalid: must be an "
+                             f"integer in [1, devices={self.devices}]")
+
+    @property
+    def device_bandwidth_GBps(self) -> float:
+        """Bandwidth one device gets when every device of the level sends at once."""
+        return self.bandwidth_GBps / self.shared_by
 
 
 @dataclass(frozen=True)
@@ -104,6 +172,10 @@ class HardwareProfile:
     uncertain: tuple[str, ...] = ()
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     path: str = ""
+    priors: dict[str, Prior] = field(default_factory=dict, compare=False, repr=False)
+    ranges: dict[str, tuple[float, float, float]] = field(default_factory=dict, compare=False, repr=False)
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+    calibration_set: str = ""
 
     def __post_init__(self) -> None:
         for dtype, v in self.peak_tflops.items():
@@ -164,6 +236,14 @@ class HardwareProfile:
     def with_efficiency(self, efficiency: Efficiency) -> "HardwareProfile":
         return dataclasses.replace(self, efficiency=efficiency)
 
+    def with_fitted(self, fitted: dict[str, float], rel: dict[str, float] | None = None,
+                    name: str | None = None) -> "HardwareProfile":
+        """This profile with the fitted parameters set from `fitted` (compute, kv_attention, kernel_us,
+        and weight_stream_ref: the calibration hardware's weight_stream during the fit), applying
+        each fitted parameter's transfer rule (see Prior)."""
+        return self.with_efficiency(apply_fitted(self.efficiency, self.priors, fitted, rel or {},
+                                                 name or self.efficiency.name))
+
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family, "devices_per_card": self.devices_per_card,
                 "peak_tflops": dict(self.peak_tflops), "memory_gib": self.memory_gib,
@@ -173,27 +253,63 @@ class HardwareProfile:
                 "uncertain": list(self.uncertain)}
 
 
+def apply_fitted(eff: Efficiency, priors: dict[str, Prior], fitted: dict[str, float], rel: dict[str, float],
+                 name: str) -> Efficiency:
+    """Set the fitted parameters of `eff` (see HardwareProfile.with_fitted)."""
+    out = {}
+    for k in FITTED:
+        pr = priors.get(k)
+        if pr is None or not pr.fitted or k not in fitted:
+            continue
+        v = fitted[k] * rel.get(k, 1.0)
+        if pr.derive == "weight_stream":
+            v *= eff.weight_stream / fitted.get("weight_stream_ref", eff.weight_stream)
+        out[k] = min(v, 1.0) if k in FRACTIONS else v
+    return dataclasses.replace(eff, name=name, **out)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
 
 
-def _value(raw: Any, where: str, uncertain: list[str], sources: dict[str, str]) -> Any:
-    """Unwrap `{"value": x, "source": ..., "uncertain": ...}` and record the notes."""
-    if isinstance(raw, dict) and "value" in raw:
-        if raw.get("uncertain"):
-            uncertain.append(where)
-        if raw.get("source"):
-            sources[where] = str(raw["source"])
-        return raw["value"]
-    return raw
+class _Notes:
+    """Collects, while a profile is read, which numbers are guesses, their sources and ranges."""
+
+    def __init__(self) -> None:
+        self.uncertain: list[str] = []
+        self.sources: dict[str, str] = {}
+        self.ranges: dict[str, tuple[float, float, float]] = {}
+
+    def value(self, raw: Any, where: str) -> Any:
+        """Unwrap `{"value": x, "source": ..., "uncertain": ..., "range": [lo, hi]}`."""
+        if isinstance(raw, dict) and "value" in raw:
+            if raw.get("uncertain"):
+                self.uncertain.append(where)
+            if raw.get("source"):
+                self.sources[where] = str(raw["source"])
+            if "range" in raw:
+                lo, hi = _range(raw["range"], where)
+                v = raw["value"]
+                if isinstance(v, (int, float)) and not lo <= v <= hi:
+                    raise ConfigError(f"{where}.range={[lo, hi]} is invalid: must contain the value {v}")
+                self.ranges[where] = (lo, float(v), hi)
+            return raw["value"]
+        return raw
+
+    def number(self, raw: Any, where: str) -> float:
+        v = self.value(raw, where)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{where}={v!r} is invalid: must be a finite number")
+        return float(v)
 
 
-def _number(raw: Any, where: str, uncertain: list[str], sources: dict[str, str]) -> float:
-    v = _value(raw, where, uncertain, sources)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ConfigError(f"{where}={v!r} is invalid: must be a finite number")
-    return float(v)
+def _range(raw: Any, where: str) -> tuple[float, float]:
+    ok = (isinstance(raw, (list, tuple)) and len(raw) == 2
+          and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in raw))
+    if not ok or raw[0] > raw[1]:
+        raise ConfigError(f"{where}.range={raw!r} is invalid: give [low, high] with low <= high")
+    return float(raw[0]), float(raw[1])
 
 
 def load_calibration(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
@@ -211,21 +327,76 @@ def load_calibration(path: str | Path | None = None) -> dict[str, dict[str, Any]
     return sets
 
 
-def efficiency_from_set(name: str, calibration: str | Path | None = None) -> Efficiency:
+def fitted_from_set(name: str, calibration: str | Path | None = None) -> dict[str, float]:
+    """The fitted parameters of a calibration set (and the weight_stream they were fitted with)."""
     sets = load_calibration(calibration)
     if name not in sets:
-        raise ConfigError(f"efficiency_from={name!r} is invalid: the calibration file has {sorted(sets)}")
+        raise ConfigError(f"calibration={name!r} is invalid: the calibration file has {sorted(sets)}")
     s = sets[name]
-    return Efficiency(compute=float(s["compute"]), memory=float(s["memory"]), link=float(s["link"]),
-                      op_overhead_us=float(s["op_overhead_us"]), name=name)
+    try:
+        return {**{k: float(s["fitted"][k]) for k in FITTED}, "weight_stream_ref": float(s["weight_stream_ref"])}
+    except (KeyError, TypeError):
+        raise ConfigError(f"calibration set {name!r} lacks fitted {FITTED} and weight_stream_ref: refit it with "
+                          "`moge simulate --calibrate --calibration-out FILE`") from None
 
 
-def profile_from_dict(data: dict, source: str = "<dict>", calibration: str | Path | None = None) -> HardwareProfile:
-    """Build a profile from the JSON layout described in the module docstring."""
+def _kernels(block: Any, source: str, notes: _Notes) -> tuple[dict[str, float], dict[str, Prior], str]:
+    """Parse a profile's "kernels" block: each parameter a prior, a fitted value, or a transfer."""
+    if not isinstance(block, dict):
+        raise ConfigError(f"{source}: kernels must be an object of parameter -> {{value, range, source}}")
+    cal = str(block.get("calibration", ""))
+    values: dict[str, float] = {}
+    priors: dict[str, Prior] = {}
+    for k, raw in block.items():
+        if k == "calibration":
+            continue
+        where = f"kernels.{k}"
+        if k not in KERNEL_PARAMS:
+            raise ConfigError(f"{source}: {where} is not a kernel parameter: choose from {KERNEL_PARAMS}")
+        if not isinstance(raw, dict):
+            values[k] = notes.number(raw, where)
+            priors[k] = Prior(values[k], values[k], values[k])
+            continue
+        src = str(raw.get("source", ""))
+        if src:
+            notes.sources[where] = src
+        if raw.get("fitted"):
+            if not cal:
+                raise ConfigError(f"{source}: {where} is fitted but kernels.calibration names no calibration set")
+            derive = str(raw.get("derive", ""))
+            if derive not in ("", "weight_stream"):
+                raise ConfigError(f"{source}: {where}.derive={derive!r} is invalid: choose '' or 'weight_stream'")
+            rel = _range(raw["range_rel"], f"{where}.range_rel") if "range_rel" in raw else None
+            if rel is not None:
+                if not rel[0] <= 1 <= rel[1]:
+                    raise ConfigError(f"{source}: {where}.range_rel={list(rel)} is invalid: must contain 1")
+                notes.ranges[f"{where}.rel"] = (rel[0], 1.0, rel[1])
+                notes.uncertain.append(where)
+            v = float(raw.get("prior", getattr(Efficiency(), k)))
+            lo, hi = _range(raw["range"], where) if "range" in raw else (v, v)
+            priors[k] = Prior(v, lo, hi, src, fitted=True, rel=rel, derive=derive)
+            values[k] = v
+            continue
+        for key in ("value", "range", "source"):
+            if key not in raw:
+                raise ConfigError(f"{source}: {where}.{key} is missing (every prior carries a value, a range "
+                                  "and a source)")
+        values[k] = notes.number({**raw, "uncertain": raw["range"][0] != raw["range"][1]}, where)
+        lo, _, hi = notes.ranges[where]
+        priors[k] = Prior(values[k], lo, hi, src)
+    return values, priors, cal
+
+
+def profile_from_dict(data: dict, source: str = "<dict>", calibration: str | Path | None = None,
+                      fitted: dict[str, float] | None = None) -> HardwareProfile:
+    """Build a profile from the JSON layout described in the module docstring.
+
+    `fitted` overrides the calibration file's fitted parameters (the fit and the uncertainty
+    propagation use it); `calibration` names another calibration file.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a hardware profile must be a JSON object")
-    uncertain: list[str] = []
-    sources: dict[str, str] = {}
+    notes = _Notes()
     name = str(data.get("name") or Path(source).stem)
     for key in ("peak_tflops", "memory_gib", "memory_bandwidth_GBps", "interconnect"):
         if key not in data:
@@ -233,7 +404,7 @@ def profile_from_dict(data: dict, source: str = "<dict>", calibration: str | Pat
     peaks_raw = data["peak_tflops"]
     if not isinstance(peaks_raw, dict) or not peaks_raw:
         raise ConfigError(f"{source}: peak_tflops must map dtype -> TFLOPS, e.g. {{\"bf16\": 989}}")
-    peaks = {k: _number(v, f"peak_tflops.{k}", uncertain, sources) for k, v in peaks_raw.items()}
+    peaks = {k: notes.number(v, f"peak_tflops.{k}") for k, v in peaks_raw.items()}
     links = []
     for i, lv in enumerate(data["interconnect"]):
         lname = str(lv.get("name", f"level{i}"))
@@ -241,33 +412,91 @@ def profile_from_dict(data: dict, source: str = "<dict>", calibration: str | Pat
             if key not in lv:
                 raise ConfigError(f"{source}: interconnect[{lname}].{key} is missing")
         links.append(LinkLevel(
-            name=lname, devices=int(_number(lv["devices"], f"interconnect.{lname}.devices", uncertain, sources)),
+            name=lname, devices=int(notes.number(lv["devices"], f"interconnect.{lname}.devices")),
             topology=str(lv["topology"]),
-            bandwidth_GBps=_number(lv["bandwidth_GBps"], f"interconnect.{lname}.bandwidth_GBps", uncertain, sources),
-            latency_us=_number(lv["latency_us"], f"interconnect.{lname}.latency_us", uncertain, sources)))
-    if "efficiency" in data:
-        eff_raw = data["efficiency"]
-        eff = Efficiency(**{k: float(_value(v, f"efficiency.{k}", uncertain, sources))
-                            for k, v in eff_raw.items() if k in ("compute", "memory", "link", "op_overhead_us")},
-                         name=f"{name} (inline)")
-    elif "efficiency_from" in data:
-        eff = efficiency_from_set(str(data["efficiency_from"]), calibration)
+            bandwidth_GBps=notes.number(lv["bandwidth_GBps"], f"interconnect.{lname}.bandwidth_GBps"),
+            latency_us=notes.number(lv["latency_us"], f"interconnect.{lname}.latency_us"),
+            shared_by=int(notes.number(lv.get("shared_by", 1), f"interconnect.{lname}.shared_by"))))
+    priors: dict[str, Prior] = {}
+    cal = ""
+    if "kernels" in data and "efficiency" in data:
+        raise ConfigError(f"{source}: give either a 'kernels' block (priors with ranges) or an 'efficiency' block, "
+                          "not both")
+    if "kernels" in data:
+        values, priors, cal = _kernels(data["kernels"], source, notes)
+        eff = Efficiency(**values, name=f"{name} priors")
+        if any(p.fitted for p in priors.values()):
+            fit = fitted if fitted is not None else fitted_from_set(cal, calibration)
+            eff = apply_fitted(eff, priors, fit, {}, cal)
+    elif "efficiency" in data:  # a plain block: any kernel parameter, or the older four-factor names
+        values = {}
+        for k, v in data["efficiency"].items():
+            for target in _LEGACY.get(k, (k,)):
+                if target not in KERNEL_PARAMS:
+                    raise ConfigError(f"{source}: efficiency.{k} is not a kernel parameter: choose from "
+                                      f"{KERNEL_PARAMS}")
+                values[target] = float(notes.value(v, f"efficiency.{k}"))
+        eff = Efficiency(**values, name=f"{name} (inline)")
+        notes.uncertain.append("efficiency (inline, no ranges)")
     else:
         eff = Efficiency()
-        uncertain.append("efficiency (prior, not fitted)")
+        notes.uncertain.append("efficiency (generic prior, no ranges)")
 
     def opt(key: str, default: float) -> float:
-        return _number(data[key], key, uncertain, sources) if key in data else default
+        return notes.number(data[key], key) if key in data else default
 
     return HardwareProfile(
         name=name, peak_tflops=peaks,
-        memory_gib=_number(data["memory_gib"], "memory_gib", uncertain, sources),
-        memory_bandwidth_GBps=_number(data["memory_bandwidth_GBps"], "memory_bandwidth_GBps", uncertain, sources),
+        memory_gib=notes.number(data["memory_gib"], "memory_gib"),
+        memory_bandwidth_GBps=notes.number(data["memory_bandwidth_GBps"], "memory_bandwidth_GBps"),
         links=tuple(links), efficiency=eff,
         devices_per_card=int(opt("devices_per_card", 1)), devices_per_node=int(opt("devices_per_node", 8)),
         reserved_memory_gib=opt("reserved_memory_gib", 0.0),
         description=str(data.get("description", "")), vendor=str(data.get("vendor", "")),
-        family=str(data.get("family", "")), uncertain=tuple(uncertain), sources=sources, path=source)
+        family=str(data.get("family", "")), uncertain=tuple(notes.uncertain), sources=notes.sources, path=source,
+        priors=priors, ranges=notes.ranges, raw=data, calibration_set=cal)
+
+
+# Numbers the uncertainty propagation varies: latency inputs only (memory sizes decide feasibility).
+SAMPLED_PREFIXES = ("peak_tflops.", "memory_bandwidth_GBps", "interconnect.", "kernels.")
+
+
+def sampled_ranges(hw: HardwareProfile) -> dict[str, tuple[float, float, float]]:
+    """(low, point, high) of every latency input of `hw` that has a range wider than a point."""
+    return {k: r for k, r in hw.ranges.items() if k.startswith(SAMPLED_PREFIXES) and r[0] < r[2]
+            and not k.endswith(".devices") and not k.endswith(".shared_by")}
+
+
+def perturbed(hw: HardwareProfile, values: dict[str, float], fitted: dict[str, float] | None = None,
+              calibration: str | Path | None = None) -> HardwareProfile:
+    """A copy of `hw` rebuilt from its JSON with some numbers replaced, by their paths in
+    `hw.ranges` ("peak_tflops.int8", "interconnect.hccs.bandwidth_GBps", "kernels.weight_stream"),
+    and transfer factors ("kernels.compute.rel") applied to the fitted parameters."""
+    if not hw.raw:  # built in code, not from a file: nothing is ranged
+        if values:
+            raise ConfigError(f"{hw.name}: has no JSON source, so {sorted(values)} cannot be perturbed")
+        return hw
+    data = copy.deepcopy(hw.raw)
+    rel = {}
+    for path, v in values.items():
+        parts = path.split(".")
+        if parts[0] == "kernels" and len(parts) == 3 and parts[2] == "rel":
+            rel[parts[1]] = v
+            continue
+        if parts[0] == "interconnect":
+            node = next(lv for lv in data["interconnect"] if lv.get("name") == parts[1])[parts[2]]
+        elif len(parts) == 2:
+            node = data[parts[0]][parts[1]]
+        else:
+            node = data[parts[0]]
+        if not isinstance(node, dict) or "value" not in node:
+            raise ConfigError(f"{hw.name}: {path} is not a ranged number of the profile")
+        node["value"] = v
+    out = profile_from_dict(data, hw.path or hw.name, calibration, fitted)
+    if rel:
+        fit = fitted if fitted is not None else fitted_from_set(out.calibration_set, calibration)
+        out = out.with_fitted(fit, rel)
+    return out
 
 
 def list_hardware() -> list[str]:
@@ -275,7 +504,8 @@ def list_hardware() -> list[str]:
     return sorted(p.stem for p in HARDWARE_DIR.glob("*.json") if not p.name.startswith("_"))
 
 
-def load_hardware(name_or_path: str | Path, calibration: str | Path | None = None) -> HardwareProfile:
+def load_hardware(name_or_path: str | Path, calibration: str | Path | None = None,
+                  fitted: dict[str, float] | None = None) -> HardwareProfile:
     """A shipped profile by name (see `list_hardware`) or a path to a user JSON file."""
     key = str(name_or_path)
     path = HARDWARE_DIR / f"{key}.json"
@@ -288,4 +518,4 @@ def load_hardware(name_or_path: str | Path, calibration: str | Path | None = Non
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"hardware profile {path} is not valid JSON: {e}") from None
-    return profile_from_dict(data, source=str(path), calibration=calibration)
+    return profile_from_dict(data, source=str(path), calibration=calibration, fitted=fitted)

@@ -36,8 +36,9 @@ def format_result(r: SimResult) -> str:
         f"{mem['workspace']:.2f}, reserve {mem['reserved']:.2f}); largest batch that fits: {r.max_batch}",
     ]
     eff = d["efficiency"]
-    lines.append(f"  efficiency  compute {eff['compute']:.3f}, memory {eff['memory']:.3f}, link {eff['link']:.3f}, "
-                 f"{eff['op_overhead_us']:.2f} us per operator (from {eff['from']})")
+    lines.append(f"  efficiency  compute {eff['compute']:.3f}, weights {eff['weight_stream']:.3f}, KV attention "
+                 f"{eff['kv_attention']:.3f}, elementwise {eff['elementwise']:.3f}, link {eff['link']:.3f}, "
+                 f"{eff['kernel_us']:.2f} us per kernel ({s.exec_mode} mode; fitted from {eff['from']})")
     met = d["bounds"]["met"]
     if met is not None:
         lines.append(f"  bound       {'met' if met else 'MISSED'} "
@@ -51,6 +52,19 @@ def format_result(r: SimResult) -> str:
             continue
         lines.append(f"  {name:<28}{op_group(name):<15}{ms:>10.3f}{ms / total:>8.1%}")
     lines.append(f"  {'total':<43}{total:>10.3f}")
+    return "\n".join(lines)
+
+
+def format_uncertainty(u: dict) -> str:
+    """p10/p50/p90 of each metric and its three most influential inputs (uncertainty.as_dict())."""
+    names = {"ttft_ms": "TTFT ms", "tpot_ms": "TPOT ms", "throughput_tok_s_per_card": "tok/s per card"}
+    lines = [f"  uncertainty ({u['samples']} Monte Carlo samples, calibrated factors refit per sample"
+             + (f", {u['failed']} infeasible" if u["failed"] else "") + ")",
+             f"  {'metric':<16}{'point':>10}{'p10':>10}{'p50':>10}{'p90':>10}   most sensitive to (Spearman rho)"]
+    for m, label in names.items():
+        q = u["quantiles"][m]
+        sens = ", ".join(f"{r['input']} {r['rho']:+.2f}" for r in u["most_sensitive"][m])
+        lines.append(f"  {label:<16}{u['point'][m]:>10.2f}{q['p10']:>10.2f}{q['p50']:>10.2f}{q['p90']:>10.2f}   {sens}")
     return "\n".join(lines)
 
 

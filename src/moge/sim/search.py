@@ -218,9 +218,10 @@ class ArchResult:
 
 def architecture_search(targets: Iterable[ArchTarget] = DEFAULT_TARGETS, grid: str | dict = "default",
                         input_len: int = 2048, output_len: int = 0, quant: str = "w8a8",
-                        plans: Iterable[str] = ARCH_PLANS, progress: Callable[[int, int], None] | None = None
-                        ) -> ArchResult:
-    """Search (b): score every candidate shape on every target (see module doc)."""
+                        plans: Iterable[str] = ARCH_PLANS, progress: Callable[[int, int], None] | None = None,
+                        hardware: dict[str, HardwareProfile] | None = None) -> ArchResult:
+    """Search (b): score every candidate shape on every target (see module doc); `hardware`
+    replaces the shipped profiles by name (the uncertainty run passes sampled ones)."""
     targets = list(targets)
     g = ARCH_GRIDS[grid] if isinstance(grid, str) else grid
     if isinstance(grid, str) and grid not in ARCH_GRIDS:
@@ -228,7 +229,7 @@ def architecture_search(targets: Iterable[ArchTarget] = DEFAULT_TARGETS, grid: s
     cands = arch_candidates(g)
     if not any(is_pangu_shape(m) for m in cands):
         cands.append(PRESETS["pangu-pro-moe"])
-    hws = {t.hardware: load_hardware(t.hardware) for t in targets}
+    hws = {t.hardware: (hardware or {}).get(t.hardware) or load_hardware(t.hardware) for t in targets}
     result = ArchResult(targets)
     raw: list[list[float]] = []
     for i, m in enumerate(cands):
@@ -270,3 +271,33 @@ def architecture_search(targets: Iterable[ArchTarget] = DEFAULT_TARGETS, grid: s
         s = [row["score"][f"t{j}"] for j in range(len(targets))]
         row["score"]["combined"] = math.prod(s) ** (1 / len(s)) if all(x > 0 for x in s) else 0.0
     return result
+
+
+def arch_uncertainty(targets: Iterable[ArchTarget] = DEFAULT_TARGETS, samples: int = 20, seed: int = 0,
+                     grid: str | dict = "default", progress: Callable[[int, int], None] | None = None,
+                     **kw) -> dict:
+    """Pangu Pro MoE's rank per target across Monte Carlo draws of every profile's ranged inputs
+    (calibrated factors refit per draw; see moge.sim.uncertainty)."""
+    import numpy as np
+
+    from moge.sim.uncertainty import HardwareSampler
+
+    targets = list(targets)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
+        raise ConfigError(f"samples={samples!r} is invalid: must be an integer >= 2")
+    sampler = HardwareSampler({t.hardware: load_hardware(t.hardware) for t in targets})
+    rng = np.random.default_rng(seed)
+    ranks: dict[str, list[int]] = {}
+    of = 0
+    for i in range(samples):
+        hws, _ = sampler.sample(rng)
+        res = architecture_search(targets, grid=grid, hardware=hws, **kw)
+        for key, r in res.ranks().items():
+            ranks.setdefault(key, []).append(r["rank"])
+            of = r["of"]
+        if progress:
+            progress(i + 1, samples)
+    return {"samples": samples, "of": of, "ranks": ranks,
+            "quantiles": {k: {f"p{q}": float(np.percentile(v, q)) for q in (10, 50, 90)} for k, v in ranks.items()},
+            "best_rank": {k: int(min(v)) for k, v in ranks.items()},
+            "top10_share": {k: float(np.mean([x <= 10 for x in v])) for k, v in ranks.items()}}

@@ -7,7 +7,8 @@
 Stages. prefill: the batch's prompts go through one forward; TTFT is its time and throughput
 counts prompt tokens. decode: one step advances every sequence by 1 + accepted draft tokens at a
 KV length of input_len + output_len/2 (the mean over the generation); TPOT is the step time over
-the tokens per step. Each result carries the other stage's latency too: a decode result's
+the tokens per step, 1 + accepted draft tokens (`mtp_accepted` as given, or 1 + a + ... + a^n from a
+per-token acceptance `mtp_acceptance`). Each result carries the other stage's latency too: a decode result's
 `ttft_ms` is an unloaded single-prompt prefill, a prefill result's `tpot_ms` the decode step of
 the same batch.
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 from moge.config import ModelConfig
 from moge.errors import ConfigError
-from moge.sim.cost import CostModel, StepCost, StepShape
+from moge.sim.cost import EXEC_MODES, CostModel, StepCost, StepShape
 from moge.sim.hardware import HardwareProfile
 from moge.sim.memory import MemoryReport, max_batch, memory_report
 from moge.sim.plans import InfeasiblePlan, ParallelPlan, plan_preset
@@ -34,7 +35,7 @@ GROUPS = {
     "attention": "attention", "o_proj": "attention",
     "router": "moe", "expert_permute": "moe", "routed_experts": "moe", "shared_expert": "moe", "mlp": "mlp",
     "embedding": "head", "final_norm": "head", "lm_head": "head", "sampling": "head",
-    "overhead": "overhead",
+    "overhead": "overhead", "host_bound": "overhead", "comm_overlap": "communication",
 }
 
 
@@ -67,6 +68,10 @@ class Scenario:
     routing: str = "auto"
     mtp_draft: int = 0
     mtp_acceptance: float = 0.0
+    mtp_accepted: float | None = None  # mean accepted draft tokens per step; overrides mtp_acceptance
+    voted_experts: int | None = None  # experts kept per group per batch (300I Duo release), None = all
+    overlap_comm: bool = False
+    exec_mode: str = "graph"
     model_name: str = "custom"
     check_memory: bool = True
     tpot_bound_ms: float | None = None
@@ -92,6 +97,19 @@ class Scenario:
             raise ConfigError(f"mtp_draft={self.mtp_draft!r} is invalid: must be an integer in [0, 8]")
         if not 0.0 <= self.mtp_acceptance <= 1.0:
             raise ConfigError(f"mtp_acceptance={self.mtp_acceptance!r} is invalid: must be in [0, 1]")
+        if self.mtp_accepted is not None and not (isinstance(self.mtp_accepted, (int, float))
+                                                  and 0.0 <= self.mtp_accepted <= self.mtp_draft):
+            raise ConfigError(f"mtp_accepted={self.mtp_accepted!r} is invalid: must be in [0, mtp_draft="
+                              f"{self.mtp_draft}] (mean accepted draft tokens per step)")
+        if self.voted_experts is not None:
+            m = self.model
+            per_group = m.num_experts // max(1, m.num_groups) if m.is_moe else 0
+            if isinstance(self.voted_experts, bool) or not isinstance(self.voted_experts, int) \
+                    or not 1 <= self.voted_experts <= per_group:
+                raise ConfigError(f"voted_experts={self.voted_experts!r} is invalid: must be an integer in "
+                                  f"[1, experts per group={per_group}] (MoE models only)")
+        if self.exec_mode not in EXEC_MODES:
+            raise ConfigError(f"exec_mode={self.exec_mode!r} is invalid: choose one of {EXEC_MODES}")
         if self.input_len + self.output_len > self.model.max_position_embeddings:
             raise ConfigError(f"input_len+output_len={self.input_len + self.output_len} is invalid: exceeds the "
                              f"model's max_position_embeddings={self.model.max_position_embeddings}")
@@ -139,7 +157,7 @@ class SimResult:
 
     def breakdown_ms(self) -> dict[str, float]:
         items = sorted(self.cost.ops.items(), key=lambda kv: -kv[1])
-        return {k: v * 1e3 for k, v in items if v > 0}
+        return {k: v * 1e3 for k, v in items if v != 0}
 
     def breakdown_groups_ms(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -151,8 +169,9 @@ class SimResult:
     def streaming_ms(self) -> dict[str, float]:
         """Time the weight and KV-cache reads alone take at the achieved bandwidth (a share of the
         memory-bound operators' time, not an extra term)."""
-        bw = self.scenario.hardware.memory_Bps * self.scenario.hardware.efficiency.memory
-        return {k: self.cost.traffic.get(k, 0.0) / bw * 1e3 for k in ("weights", "kv_cache")}
+        hw = self.scenario.hardware
+        eff = {"weights": hw.efficiency.weight_stream, "kv_cache": hw.efficiency.kv_attention}
+        return {k: self.cost.traffic.get(k, 0.0) / (hw.memory_Bps * e) * 1e3 for k, e in eff.items()}
 
     def as_dict(self) -> dict:
         s = self.scenario
@@ -164,8 +183,9 @@ class SimResult:
             "plan": {**self.plan.as_dict(), "description": self.plan.describe(s.model),
                      "replicas": self.plan.replicas(s.devices)},
             "routing": self.routing_label,
-            "mtp": {"draft_tokens": s.mtp_draft, "acceptance": s.mtp_acceptance,
+            "mtp": {"draft_tokens": s.mtp_draft, "acceptance": s.mtp_acceptance, "accepted": s.mtp_accepted,
                     "tokens_per_step": self.tokens_per_step},
+            "voted_experts": s.voted_experts, "overlap_comm": s.overlap_comm, "exec_mode": s.exec_mode,
             "ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms, "step_ms": self.step_ms,
             "throughput_tok_s": self.throughput_tok_s,
             "throughput_tok_s_per_card": self.throughput_tok_s_per_card,
@@ -200,7 +220,8 @@ def simulate(s: Scenario) -> SimResult:
     routing = parse_routing(s.routing, s.model)
     replicas = plan.replicas(s.devices)
     seqs = math.ceil(s.batch / replicas)
-    cm = CostModel(s.model, s.hardware, plan, quant, routing)
+    cm = CostModel(s.model, s.hardware, plan, quant, routing, voted_experts=s.voted_experts, exec_mode=s.exec_mode,
+                   overlap_comm=s.overlap_comm)
     draft = s.mtp_draft
 
     step_tokens = s.input_len if s.stage == "prefill" else 1 + draft
@@ -222,7 +243,7 @@ def simulate(s: Scenario) -> SimResult:
                          f"that fits is {limit}")
 
     prefill_shape, decode_shape = _shapes(s, seqs)
-    tps = tokens_per_step(draft, s.mtp_acceptance)
+    tps = 1.0 + s.mtp_accepted if s.mtp_accepted is not None else tokens_per_step(draft, s.mtp_acceptance)
     if s.stage == "decode":
         cost = cm.step_cost(decode_shape, mtp_draft=draft)
         step_s = cost.total_s
