@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "moge.commands.quickstart",
     "moge.commands.bench_ep",
     "moge.commands.quant",
+    "moge.commands.serve",
     "moge.data.cli",
     "moge.sim.cli",
 ]
