@@ -110,19 +110,22 @@ def test_bad_backend_name_is_rejected():
         experts(torch.randn(2, 8), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), backend="fast")
 
 
+@pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("tokens", [1, 3, 40])
-def test_inference_arrangements_equal_reference(tokens, threads):
+def test_inference_arrangements_equal_reference(tokens, threads, k):
     """Without gradients the CPU kernels rearrange the products (one-token path, weight @ x.T
-    grouped_mm, few-row `linear`); the numbers stay the reference's."""
+    grouped_mm, few-row `linear`); the numbers stay the reference's. Any number of rows, also
+    one whose fp32 row of R values is not a multiple of 16 bytes (an expert-parallel rank
+    receives any count)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(tokens)
         experts = SwiGLUExperts(8, 32, 16)
         x = torch.randn(tokens, 32)
-        ids = torch.rand(tokens, 8).argsort(-1)[:, :4]
-        w = torch.rand(tokens, 4)
+        ids = torch.rand(tokens, 8).argsort(-1)[:, :k]
+        w = torch.rand(tokens, k)
         with torch.no_grad():
             ref = experts(x, ids, w, backend="reference")
             for backend in (None, "loop", "grouped_mm"):
