@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from moge.errors import ConfigError, DistributedError, MissingFileError
@@ -115,7 +117,8 @@ def _serve(args: argparse.Namespace, model, config, *, distributed: bool) -> int
         tokenizer = None
         print(f"moge serve: warning: {e}; prompts must be token ids and chat is off", file=sys.stderr)
     engine = Engine(model, config, distributed=distributed)
-    runner = EngineRunner(engine, keepalive_s=args.dist_timeout / 4 if distributed else None)
+    # the engine loop keeps the main thread, where the model was loaded (see EngineRunner)
+    runner = EngineRunner(engine, keepalive_s=args.dist_timeout / 4 if distributed else None, own_thread=False)
     try:
         name = args.served_model_name or Path(args.model).resolve().name
         api_key = args.api_key if args.api_key is not None else os.environ.get("MOGE_API_KEY")
@@ -128,13 +131,31 @@ def _serve(args: argparse.Namespace, model, config, *, distributed: bool) -> int
         def ready() -> None:
             print(f"moge serve: listening on http://{shown}:{port} (model {name})", flush=True)
 
+        server = _uvicorn(app, args.log_level, ready)
+
+        def serve_http() -> None:
+            try:
+                server.run(sockets=[sock])
+            finally:  # the server stopped (or never started): end the engine loop too
+                runner.close()
+
+        http = threading.Thread(target=serve_http, name="moge-http", daemon=True)
+        signal.signal(signal.SIGTERM, _interrupt)  # a polite kill stops like Ctrl-C
+        http.start()
         try:
-            _run_uvicorn(app, sock, args.log_level, ready)
-        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: that is the normal end
+            runner.run()  # until the app's lifespan closes the runner (the server stops)
+        except KeyboardInterrupt:  # Ctrl-C reaches the main thread: stop the server gracefully
             pass
+        finally:
+            server.should_exit = True
+            http.join(timeout=30)
     finally:
         runner.close()  # idempotent: the app's lifespan normally did it
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -151,8 +172,9 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run_uvicorn(app, sock: socket.socket, log_level: str, on_ready) -> None:
-    """uvicorn on an already bound socket, calling `on_ready` once it accepts connections."""
+def _uvicorn(app, log_level: str, on_ready):
+    """A uvicorn server for `app` that calls `on_ready` once it accepts connections. Run on a side
+    thread it installs no signal handlers: Ctrl-C reaches the main thread, which stops it."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -161,4 +183,4 @@ def _run_uvicorn(app, sock: socket.socket, log_level: str, on_ready) -> None:
             if self.started:
                 on_ready()
 
-    Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(sockets=[sock])
+    return Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))

@@ -85,10 +85,18 @@ class RequestHandle:
 
 
 class EngineRunner:
-    """Owns the engine thread. `submit` from the event loop; outputs come back on the handle's queue."""
+    """Runs the engine loop. `submit` from the event loop; outputs come back on the handle's queue.
 
-    def __init__(self, engine: Engine, keepalive_s: float | None = None):
+    Where the loop runs matters on CPU: torch's OpenMP/MKL kernels run fast only on the thread that
+    first used them (libgomp keeps its spinning worker team for that root thread); from any other
+    thread a few-row matmul took 1.6x as long, and serving ran at 84 instead of 142 output tokens/s
+    (moge-small, 2 threads). `moge serve` therefore calls `run()` on the main thread, which loaded
+    the model, and runs the HTTP server on a side thread (`own_thread=False`); `start()` runs the
+    loop on a thread of its own, for in-process apps and tests."""
+
+    def __init__(self, engine: Engine, keepalive_s: float | None = None, own_thread: bool = True):
         self.engine = engine
+        self.own_thread = own_thread
         # distributed: the followers wait in a collective that times out, so an idle rank 0 pings them
         # (Engine.keepalive, a no-op step for the followers) at least this often
         self.keepalive_s = keepalive_s
@@ -97,7 +105,10 @@ class EngineRunner:
         self._handles: dict[str, RequestHandle] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the loop's own thread (own_thread=True)
+        self._loop_thread: threading.Thread | None = None  # whichever thread runs the loop
+        self._looping = threading.Event()
+        self._loop_done = threading.Event()
         self._closed = False
 
     @property
@@ -110,21 +121,27 @@ class EngineRunner:
 
     @property
     def healthy(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
+        if self.own_thread:
+            return self.error is None and self._thread is not None and self._thread.is_alive()
+        return self.error is None and self._looping.is_set()
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="moge-engine", daemon=True)
+        """Run the loop on a thread of its own (a no-op when the caller runs it: own_thread=False)."""
+        if self.own_thread and self._thread is None:
+            self._thread = threading.Thread(target=self.run, name="moge-engine", daemon=True)
             self._thread.start()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the engine thread, then `engine.close()` (which releases distributed followers). Idempotent."""
+        """Stop the loop and wait for it, then `engine.close()` (which releases distributed followers).
+        Idempotent; may be called from any thread."""
         if self._closed:
             return
         self._closed = True
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if threading.current_thread() is not self._loop_thread:
+            self._loop_done.wait(timeout if self._looping.is_set() else 0)
         self._fail_all("abort", None)
         self.engine.close()
 
@@ -156,7 +173,17 @@ class EngineRunner:
 
     # ---- the engine thread ----------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The engine loop, on the calling thread, until `close()`."""
+        self._loop_thread = threading.current_thread()
+        self._looping.set()
+        try:
+            self._loop()
+        finally:
+            self._looping.clear()
+            self._loop_done.set()
+
+    def _loop(self) -> None:
         keepalive = self.engine.keepalive if self.keepalive_s else None
         last = time.monotonic()
         try:
