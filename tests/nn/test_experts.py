@@ -159,3 +159,19 @@ def test_compiled_grouped_mm_op_passes_torch_opcheck():
     torch.testing.assert_close(y, torch.nn.functional.grouped_mm(a, b, offs=offs))
     y.backward(torch.ones_like(y))
     assert torch.all(b.grad[1] == 0)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("backend", [None, "grouped_mm", "loop"])
+def test_no_rows_give_an_empty_output(backend, grad):
+    """An expert-parallel rank can receive no token at all (top-K sends a token's every slot to
+    other ranks); grouped_mm rejects empty operands, so the kernels return [0, D] themselves, and
+    the weights still get a (zero) gradient."""
+    experts = SwiGLUExperts(8, 32, 16)
+    x = torch.randn(0, 32, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        y = experts(x, torch.zeros(0, 1, dtype=torch.long), torch.ones(0, 1), backend=backend)
+        assert y.shape == (0, 32)
+        if grad:
+            y.sum().backward()
+            assert experts.gate_up_proj.grad is not None and not experts.gate_up_proj.grad.any()

@@ -170,6 +170,8 @@ class SwiGLUExperts(nn.Module):
             check_backend_runs(backend, x_TD, self.hidden_size, self.intermediate_size)
         if backend == "reference":
             return reference_experts(x_TD, experts_TK, weights_TK, self.gate_up_proj, self.down_proj)
+        if x_TD.shape[0] == 0 and backend == "grouped_mm":  # an expert-parallel rank that received nothing
+            return _no_rows(x_TD, self.gate_up_proj, self.down_proj)
         # eager CPU without gradients: rearranged kernels (same sums) that stream weights faster
         inference = x_TD.device.type == "cpu" and not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weights_TK, self.gate_up_proj,
@@ -190,6 +192,15 @@ class SwiGLUExperts(nn.Module):
                 out_RD = _grouped_mm_experts(x_RD, counts_E, self.gate_up_proj, self.down_proj)
             return combine(out_RD, order_R, weights_TK)
         raise ValueError(f"backend={backend!r} is invalid: choose auto, grouped_mm, loop or reference")
+
+
+def _no_rows(x_0D: Tensor, gate_up_E2FD: Tensor, down_EDF: Tensor) -> Tensor:
+    """The [0, D] output for no rows (grouped_mm rejects empty operands). When training it stays
+    connected to the weights, so they get a zero gradient like on any rank that has rows."""
+    out = x_0D.to(gate_up_E2FD.dtype)
+    if torch.is_grad_enabled() and (gate_up_E2FD.requires_grad or down_EDF.requires_grad):
+        out = out + (gate_up_E2FD.sum() + down_EDF.sum()) * 0
+    return out
 
 
 def _swiglu(h_R2F: Tensor) -> Tensor:
