@@ -42,6 +42,7 @@ import math
 import os
 import platform
 import shutil
+import shlex
 import signal
 import socket
 import statistics
@@ -444,16 +445,17 @@ def thread_env(threads: int) -> dict[str, str]:
     return env
 
 
-def server_spec(name: str, checkpoints: dict[str, Path], threads: int) -> ServerSpec:
+def server_spec(name: str, checkpoints: dict[str, Path], threads: int,
+                moge_args: Sequence[str] = ()) -> ServerSpec:
     """The command line of one server. EP runs 2 ranks of max(1, threads // 2) threads each, so every
-    server gets the same number of cores."""
+    server gets the same number of cores. `moge_args` go to every `moge serve` (engine flags)."""
     py = sys.executable
     port = free_port()
     common = ["--host", "127.0.0.1", "--port", str(port)]
     if name in ("moge", "static"):
         ckpt = checkpoints["grouped"]
         argv = [py, "-m", "moge", "serve", "--model", str(ckpt), "--served-model-name", ckpt.name, *common,
-                "--threads", str(threads), "--log-level", "warning"]
+                "--threads", str(threads), "--log-level", "warning", *moge_args]
         if name == "static":
             argv += ["--batching", "static"]
         return ServerSpec(name, argv, thread_env(threads), ckpt.name, True, port, ckpt)
@@ -470,7 +472,7 @@ def server_spec(name: str, checkpoints: dict[str, Path], threads: int) -> Server
         exe = str(Path(py).with_name("torchrun"))
         argv = [exe, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                 "-m", "moge", "serve", "--model", str(ckpt), "--served-model-name", ckpt.name, *common,
-                "--parallel", "ep", "--threads", str(per_rank), "--log-level", "warning"]
+                "--parallel", "ep", "--threads", str(per_rank), "--log-level", "warning", *moge_args]
         return ServerSpec(name, argv, thread_env(per_rank), ckpt.name, True, port, ckpt,
                           note=f"2 ranks x {per_rank} threads")
     raise ConfigError(f"servers: {name!r} is not a server: valid are {', '.join(SERVERS)}")
@@ -654,6 +656,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--output-len", default="64,0.7,8,256", help="output tokens: MEDIAN,SIGMA,MIN,MAX (log-normal)")
     p.add_argument("--seed", type=int, default=0, help="the trace and the random weights")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each server (EP: split over 2 ranks)")
+    p.add_argument("--moge-args", default="", help="extra flags for every `moge serve`, e.g. '--step-tokens 64'")
     p.add_argument("--tpot-bound-ms", type=float, default=DEFAULT_TPOT_BOUND_MS,
                    help="p99 TPOT bound of the best-throughput report and of goodput")
     p.add_argument("--ttft-bound-ms", type=float, default=None, help="also require TTFT within this for goodput")
@@ -719,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     results: dict[str, dict] = {}
     for name in servers:
-        spec = server_spec(name, checkpoints, args.threads)
+        spec = server_spec(name, checkpoints, args.threads, shlex.split(args.moge_args))
         try:
             res = bench_server(spec, trace, gaps, rates, probe_trace, args, count_tokens, log)
         except Exception as e:  # one server failing leaves the others' results
