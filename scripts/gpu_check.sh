@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks on one CUDA device: layer and model equivalence on cuda in fp32/bf16 against the CPU
 # in fp32, grouped_mm on cuda, a training step, generation, quantized generation and
-# `moge generate --device cuda` (the tests marked `gpu`, tests/gpu/test_gpu.py), then a table of
+# `moge generate --device cuda` and the serving engine (the tests marked `gpu`, tests/gpu/test_gpu.py), then a table of
 # their numbers. Usage: bash scripts/gpu_check.sh [extra pytest args]
 #
 # It needs a CUDA build of torch (>= 2.6) that sees a GPU. scripts/setup.sh pins torch 2.13.0, which
