@@ -41,3 +41,20 @@ def make_model(cfg: ModelConfig | None = None, seed: int = 0) -> PanguProMoEForC
             elif name.endswith("bias"):
                 p.normal_(0, 0.1)
     return model.eval()
+
+
+def echo_mtp_model(cfg: ModelConfig, seed: int = 1) -> PanguProMoEForCausalLM:
+    """A model whose MTP module mostly repeats the trunk's own prediction (eh_proj close to [I, 0],
+    small attention and MLP outputs, the trunk's final norm): with a trunk that repeats tokens its
+    drafts are often accepted, so speculative decoding's accept and reject paths both run.
+    `cfg` must have an MTP module. In eval mode."""
+    model = PanguProMoEForCausalLM(cfg).init_weights(0.2, seed=seed).eval()
+    mtp, d = model.model.mtp[0], cfg.hidden_size
+    with torch.no_grad():
+        mtp.eh_proj.weight.mul_(0.01)[:, :d] += torch.eye(d)
+        mtp.self_attn.o_proj.weight.mul_(0.05)
+        mtp.mlp.experts.down_proj.mul_(0.05)
+        for shared in mtp.mlp._shared():
+            shared.down_proj.weight.mul_(0.05)
+        mtp.norm.weight.copy_(model.model.norm.weight)
+    return model

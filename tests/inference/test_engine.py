@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import make_model, tiny_config
+from models import echo_mtp_model, make_model, tiny_config
 
 from moge.errors import ConfigError
 from moge.inference.engine import Engine, EngineConfig, QueueFull, Request
@@ -206,25 +206,9 @@ def test_bad_engine_config_is_refused(model, config, message):
 
 
 def _mtp_model(echo: bool):
-    """A model with an MTP module. `echo`: the module mostly repeats the trunk's own prediction
-    (eh_proj close to [I, 0], small attention and MLP outputs, the trunk's final norm), so most
-    drafts are accepted; otherwise random, so most are rejected."""
+    """A model with an MTP module: an echoing one (drafts often accepted) or a random one."""
     cfg = CFG.replace(num_mtp_modules=1, vocab_size=61)
-    if not echo:
-        return make_model(cfg, seed=1)
-    torch.manual_seed(0)
-    from moge.nn.model import PanguProMoEForCausalLM
-
-    model = PanguProMoEForCausalLM(cfg).init_weights(0.2, seed=1).eval()
-    mtp, d = model.model.mtp[0], cfg.hidden_size
-    with torch.no_grad():
-        mtp.eh_proj.weight.mul_(0.01)[:, :d] += torch.eye(d)
-        mtp.self_attn.o_proj.weight.mul_(0.05)
-        mtp.mlp.experts.down_proj.mul_(0.05)
-        for shared in mtp.mlp._shared():
-            shared.down_proj.weight.mul_(0.05)
-        mtp.norm.weight.copy_(model.model.norm.weight)
-    return model
+    return echo_mtp_model(cfg) if echo else make_model(cfg, seed=1)
 
 
 @pytest.mark.parametrize("echo", [True, False], ids=["echo-mtp", "random-mtp"])

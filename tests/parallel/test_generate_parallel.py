@@ -18,7 +18,7 @@ from moge.nn.model import PanguProMoEForCausalLM
 from moge.inference.speculative import speculative_generate
 from moge.parallel import H2P, launch, parallelize
 from moge.parallel.parallelize import offline_mesh
-from models import make_model, tiny_config
+from models import echo_mtp_model, make_model, tiny_config
 
 CFG = tiny_config(vocab_size=61, eos_token_id=60)
 
@@ -58,16 +58,7 @@ def mtp_checkpoint(tmp_path_factory):
     attention and MLP outputs, the trunk's final norm): this trunk repeats tokens, so drafts get
     accepted, and by the two rows in different numbers (masked holes in the caches)."""
     path = tmp_path_factory.mktemp("gen-mtp") / "ckpt"
-    model = PanguProMoEForCausalLM(CFG.replace(num_mtp_modules=1)).init_weights(0.2, seed=1)
-    mtp, d = model.model.mtp[0], CFG.hidden_size
-    with torch.no_grad():
-        mtp.eh_proj.weight.mul_(0.01)[:, :d] += torch.eye(d)
-        mtp.self_attn.o_proj.weight.mul_(0.05)
-        mtp.mlp.experts.down_proj.mul_(0.05)
-        for shared in mtp.mlp._shared():
-            shared.down_proj.weight.mul_(0.05)
-        mtp.norm.weight.copy_(model.model.norm.weight)
-    save_pretrained(model, path)
+    save_pretrained(echo_mtp_model(CFG.replace(num_mtp_modules=1)), path)
     return path
 
 
