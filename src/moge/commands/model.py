@@ -184,7 +184,7 @@ def _placement(args: argparse.Namespace) -> dict:
         check_dtype_on_device(dtype, device)
         note = slow_dtype_note(dtype, device)
         if note and not (dist.is_initialized() and dist.get_rank() != 0):  # one warning per job
-            print(f"moge generate: warning: {note}", file=sys.stderr)
+            print(f"moge {getattr(args, 'command', None) or 'generate'}: warning: {note}", file=sys.stderr)
     return {"dtype": dtype, "device": device}
 
 
