@@ -2,10 +2,11 @@
 
 The engine steps on a thread apart from the event loop's (`wait_for_work` / `step`; which thread:
 see `EngineRunner`); each output reaches the coroutine serving its request through that request's
-asyncio queue (`loop.call_soon_threadsafe`), so the event loop never waits on a forward pass. `TextStream` turns the growing list of token ids into
-text deltas: it decodes the whole completion each time (a token's text can depend on its
-neighbours), holds back a trailing partial UTF-8 character (U+FFFD) and any tail that could be the
-start of a stop string, and cuts the text at the first stop string.
+asyncio queue (`loop.call_soon_threadsafe`), so the event loop never waits on a forward pass.
+`TextStream` turns the growing list of token ids into text deltas: it decodes the whole completion
+each time (a token's text can depend on its neighbours), holds back a trailing partial UTF-8
+character (U+FFFD) and any tail that could be the start of a stop string, and cuts the text at the
+first stop string.
 """
 
 from __future__ import annotations
