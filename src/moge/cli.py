@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "moge.commands.imbalance",
     "moge.commands.model",
     "moge.commands.train",
+    "moge.commands.posttrain",
     "moge.commands.quickstart",
     "moge.commands.bench_ep",
     "moge.commands.quant",

@@ -48,36 +48,58 @@ HELP = {
                        "size and the number of expert groups); 1 = data parallel only",
     "dist_timeout": "seconds a collective waits for the other ranks before failing with an error",
     "mtp_loss_weight": "weight of the MTP module's cross-entropy on token t+2 (0 = off; alias --mtp-weight)",
+    "init": "start from this checkpoint's weights (released layout) with a fresh optimizer; the model config is "
+            "the checkpoint's",
 }
+# Fields that only a --config file sets (lists and objects): the data mixture and the phases.
+CONFIG_ONLY = ("domain_weights", "phases")
 # Extra spellings of some flags.
 ALIASES = {"mtp_loss_weight": ("--mtp-weight",)}
 
 
-def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig | None = None) -> None:
-    """One flag per TrainConfig field, so the CLI and the config file never drift apart."""
+def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig | None = None,
+                        helps: dict[str, str] | None = None, skip: tuple[str, ...] = ()) -> None:
+    """One flag per scalar field of the config, so the CLI and the config file never drift apart
+    (lists and objects come from --config)."""
     defaults = defaults or TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+    helps = HELP | (helps or {})
+    for f in dataclasses.fields(defaults):
         value = getattr(defaults, f.name)
+        if f.name in skip or isinstance(value, (list, dict)):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{helps.get(f.name, '')} (default: {value})")
+            continue
         kind = type(value)
         choices = list(AUX_SCOPES) if f.name == "aux_scope" else None
         p.add_argument(flag, *ALIASES.get(f.name, ()), type=kind, default=None, choices=choices,
-                       help=f"{HELP.get(f.name, '')} (default: {value})")
+                       help=f"{helps.get(f.name, '')} (default: {value})")
+    if "mtp_modules" in skip:
+        return
     p.add_argument("--mtp", dest="mtp_modules", action="store_const", const=1,
                    help="add one multi-token-prediction module (DeepSeek-V3) to the model; train it with --mtp-weight")
 
 
 def train_config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
     base = base or TrainConfig()
+    names = {f.name for f in dataclasses.fields(base)}
     if getattr(args, "config", None):
-        data = json.loads(Path(args.config).read_text())
-        unknown = set(data) - {f.name for f in dataclasses.fields(TrainConfig)}
+        try:
+            data = json.loads(Path(args.config).read_text())
+        except OSError as e:
+            raise ConfigError(f"--config {args.config}: cannot read it ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--config {args.config}: malformed JSON ({e.msg}, line {e.lineno})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {args.config}: expected a JSON object of settings")
+        unknown = set(data) - names
         if unknown:
             raise ConfigError(f"--config {args.config}: unknown keys {sorted(unknown)}; valid keys are the "
-                             f"long flags of `moge train` with '_' for '-'")
+                             f"long flags with '_' for '-', and {', '.join(CONFIG_ONLY)}")
         base = dataclasses.replace(base, **data)
-    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-               if getattr(args, f.name, None) is not None}
+    changes = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     return dataclasses.replace(base, **changes)
 
 

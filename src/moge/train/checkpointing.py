@@ -34,7 +34,9 @@ from moge.train.config import TrainConfig, TrainingError
 LATEST = "latest"
 TRAINER_STATE = "trainer.pt"
 # a resumed run must see the same model, batches and balance loss as the run that saved
-RESUME_KEYS = ("model", "batch_size", "seq_len", "grad_accum", "seed", "aux_scope")
+RESUME_KEYS = ("model", "batch_size", "seq_len", "grad_accum", "seed", "aux_scope", "init", "domain_weights")
+# what a staged run's phases replace: checked phase by phase instead
+PHASED_KEYS = ("batch_size", "seq_len", "domain_weights")
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -76,9 +78,16 @@ def begin_checkpoint(root: Path, step: int) -> Path:
     return tmp
 
 
+TOKENIZER_SIDECARS = ("tokenizer_config.json",)  # the Hugging Face file's special-token names
+
+
 def copy_tokenizer(tokenizer: str | Path | None, directory: Path) -> None:
     if tokenizer is not None and Path(tokenizer).exists():  # so `moge generate --model CKPT` has it
         shutil.copy2(tokenizer, directory / Path(tokenizer).name)
+        for name in TOKENIZER_SIDECARS:  # EOS / pad names live beside a tokenizer.json
+            side = Path(tokenizer).parent / name
+            if side.is_file() and side.name != Path(tokenizer).name:
+                shutil.copy2(side, directory / name)
 
 
 def commit_checkpoint(root: Path, step: int, keep: int = 2) -> Path:
@@ -124,11 +133,36 @@ def read_trainer_state(path: Path, cfg: TrainConfig) -> dict:
     """trainer.pt of checkpoint `path`, after checking it belongs to a run like `cfg`."""
     state = torch.load(path / TRAINER_STATE, weights_only=True, map_location="cpu")
     saved = json.loads(state["train_config"])
+    defaults = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)} | {"init": "", "domain_weights": {},
+                                                                                 "phases": []}
+    phased = bool(cfg.phases) or bool(saved.get("phases"))
     for key in RESUME_KEYS:
-        if saved[key] != getattr(cfg, key):
+        if phased and key in PHASED_KEYS:
+            continue
+        was = saved.get(key, defaults[key])
+        if was != getattr(cfg, key):
             raise TrainingError(f"cannot resume {path}: {key}={getattr(cfg, key)!r} differs from the "
-                                f"checkpoint's {saved[key]!r}; use the same value or a new --out")
+                                f"checkpoint's {was!r}; use the same value or a new --out")
+    if phased:
+        check_phases_match(path, saved, cfg, int(state["step"]))
     return state
+
+
+def check_phases_match(path: Path, saved: dict, cfg: TrainConfig, step: int) -> None:
+    """A staged run resumes when every phase the checkpoint has begun is unchanged; later phases
+    (those starting at or after its step) may be changed, added or removed."""
+    was = type(cfg)(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+                       **{k: saved[k] for k in ("steps", "batch_size", "seq_len", "lr", "min_lr", "warmup")
+                          if k in saved},
+                       "phases": saved.get("phases", []), "domain_weights": saved.get("domain_weights", {})})
+    old, new = was.phase_list(), cfg.phase_list()
+    begun = [p for p in old if p.start < step]
+    for i, p in enumerate(begun):
+        if i >= len(new) or new[i] != p:
+            now = new[i] if i < len(new) else "none"
+            raise TrainingError(f"cannot resume {path} at step {step}: phase {i} ({p.name}) has begun and differs: "
+                                f"checkpoint {p}, now {now}; change only phases that start at step >= {step}, "
+                                f"or use a new --out")
 
 
 def restore_rng_and_routers(state: dict, model: nn.Module) -> None:

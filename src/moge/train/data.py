@@ -27,14 +27,18 @@ class TrainData:
         self.tokenizer_path = self.shards.tokenizer_path
         self._samplers: dict[int, Any] = {}
 
-    def train_batch(self, step: int, micro: int, batch_size: int) -> torch.Tensor:
-        """[batch_size, seq_len + 1] token ids: inputs [:, :-1], targets [:, 1:]."""
+    def train_batch(self, step: int, micro: int, batch_size: int, *, seq_len: int | None = None,
+                    weights: dict[str, float] | None = None) -> torch.Tensor:
+        """[batch_size, seq_len + 1] token ids: inputs [:, :-1], targets [:, 1:]. `seq_len` (default:
+        the data's) and the domain `weights` (default: by tokens) are a phase's."""
         from moge.data.shards import TrainSampler
 
-        if batch_size not in self._samplers:
-            self._samplers[batch_size] = TrainSampler(self.shards, batch_size=batch_size, seq_len=self.seq_len,
-                                                      seed=self.seed)
-        return torch.from_numpy(self._samplers[batch_size].batch(step, micro).tokens)
+        seq_len = seq_len or self.seq_len
+        key = (batch_size, seq_len, tuple(sorted(weights.items())) if weights else None)
+        if key not in self._samplers:
+            self._samplers[key] = TrainSampler(self.shards, batch_size=batch_size, seq_len=seq_len,
+                                               seed=self.seed, weights=weights or None)
+        return torch.from_numpy(self._samplers[key].batch(step, micro).tokens)
 
     def val_batches(self, domain: str, windows: int, batch_size: int) -> Iterator[torch.Tensor]:
         for arr in self.shards.val_batches(domain, seq_len=self.seq_len, batch_size=batch_size, max_windows=windows):

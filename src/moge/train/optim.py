@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 
@@ -18,10 +19,19 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig | SimpleNamespace) -> float:
     """Linear warmup to `lr`, then cosine decay to `min_lr` at the last step."""
     if cfg.warmup and step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     span = max(1, cfg.steps - cfg.warmup)
     progress = min(1.0, (step - cfg.warmup) / span)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def phase_lr(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of run step `step`: `lr_at` within the phase the step belongs to (a run
+    without phases is one phase, so this equals `lr_at(step, cfg)`)."""
+    if not cfg.phases:
+        return lr_at(step, cfg)
+    p = cfg.phase_at(step)
+    return lr_at(step - p.start, SimpleNamespace(lr=p.lr, min_lr=p.min_lr, warmup=p.warmup, steps=p.steps))

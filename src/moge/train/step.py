@@ -38,24 +38,42 @@ def micro_batch_loss(model: PanguProMoEForCausalLM, model_cfg: ModelConfig, cfg:
         stats["mtp"] = mtp_ce.item()
     if not mc.is_moe:
         return loss, stats
-    aux_terms, z_terms, scores, mom = [], [], [], []
-    dev_map = torch.arange(mc.num_experts, device=x_BS.device) // (mc.num_experts // mc.num_groups)
     # the MTP module's MoE layer is balanced like the trunk's layers
     routings = out.routing + (mtp.routing if mtp is not None else [])
+    extra, balance = routing_losses(routings, mc, cfg, global_aux)
+    return loss + extra, stats | balance
+
+
+def routing_losses(routings: list, mc: ModelConfig, cfg: Any, global_aux: GlobalBatchAuxLoss | None = None,
+                   valid_T: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The balance terms of one forward's routing (aux loss at cfg.aux_scope, z-loss) and the load
+    statistics for the log: Imbalance Score, device max/mean and expert max/mean (each layer's,
+    averaged). `valid_T`
+    (bool over the flattened tokens) leaves padding out of the statistics and losses."""
+    aux_terms, z_terms, scores, mom, expert_mom = [], [], [], [], []
+    device = routings[0].experts_TK.device
+    dev_map = torch.arange(mc.num_experts, device=device) // (mc.num_experts // mc.num_groups)
     for layer, r in enumerate(routings):
+        probs, experts, logits = r.probs_TN, r.experts_TK, r.logits_TN
+        if valid_T is not None:
+            probs, experts, logits = probs[valid_T], experts[valid_T], logits[valid_T]
         if cfg.aux_alpha:
             if cfg.aux_scope == "micro":
-                aux_terms.append(aux_loss(r.probs_TN, r.experts_TK, cfg.aux_alpha))
+                aux_terms.append(aux_loss(probs, experts, cfg.aux_alpha))
             elif cfg.aux_scope == "global":
-                aux_terms.append(global_aux(r.probs_TN, r.experts_TK, layer=layer))
+                aux_terms.append(global_aux(probs, experts, layer=layer))
             else:
-                aux_terms.append(local_group_aux_loss(r.logits_TN, r.experts_TK, r.group_of_expert_N, cfg.aux_alpha))
+                aux_terms.append(local_group_aux_loss(logits, experts, r.group_of_expert_N, cfg.aux_alpha))
         if cfg.z_loss:
-            z_terms.append(z_loss(r.logits_TN, cfg.z_loss))
+            z_terms.append(z_loss(logits, cfg.z_loss))
         with torch.no_grad():
-            loads = device_loads(r.experts_TK, dev_map, mc.num_groups).float()
-            scores.append(float((loads.max() - loads.min()) / r.experts_TK.shape[0]))
+            loads = device_loads(experts, dev_map, mc.num_groups).float()
+            scores.append(float((loads.max() - loads.min()) / max(1, experts.shape[0])))
             mom.append(float(max_over_mean(loads)))
+            per_expert = torch.bincount(experts.reshape(-1), minlength=mc.num_experts).float()
+            expert_mom.append(float(max_over_mean(per_expert)))
+    loss = torch.zeros((), device=device)
+    stats: dict[str, float] = {}
     if aux_terms:
         aux = torch.stack(aux_terms).mean()
         loss = loss + aux
@@ -66,6 +84,7 @@ def micro_batch_loss(model: PanguProMoEForCausalLM, model_cfg: ModelConfig, cfg:
         stats["z"] = zl.item()
     stats["imbalance"] = sum(scores) / len(scores)
     stats["device_max_over_mean"] = sum(mom) / len(mom)
+    stats["expert_max_over_mean"] = sum(expert_mom) / len(expert_mom)
     return loss, stats
 
 
