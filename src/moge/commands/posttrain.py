@@ -43,6 +43,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# `moge train` flags that post-training does not take (one process, the model comes from --init)
+PRETRAINING_ONLY = ("data", "model", "expert_parallel", "dist_timeout", "mtp_modules", "mtp_loss_weight",
+                    "eval_every", "eval_windows", "grad_accum")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from moge.train.rl import RLConfig
     from moge.train.sft import SFTConfig
@@ -58,9 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(s)
     s.add_argument("--data", dest="sources", action="append", metavar="FILE[:WEIGHT]",
                    help="chat JSONL file and its mixing weight (repeat for several sources)")
-    add_train_arguments(s, SFTConfig(init="-"), SFT_HELP, skip=("data", "model", "expert_parallel", "dist_timeout",
-                                                                 "mtp_modules", "mtp_loss_weight", "eval_every",
-                                                                 "eval_windows", "grad_accum"))
+    add_train_arguments(s, SFTConfig(init="-"), SFT_HELP, skip=PRETRAINING_ONLY)
     s.set_defaults(func=run_sft)
 
     r = sub.add_parser(
@@ -75,8 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--reward", dest="rewards", action="append", metavar="NAME[=WEIGHT]",
                    help="reward function and weight (repeat; default: correct=1 format=0.1 repetition=0.1)")
     add_train_arguments(r, RLConfig(init="-", prompts="-"), RL_HELP,
-                        skip=("data", "model", "expert_parallel", "dist_timeout", "mtp_modules", "mtp_loss_weight",
-                              "eval_every", "eval_windows", "grad_accum", "batch_size", "seq_len"))
+                        skip=(*PRETRAINING_ONLY, "batch_size", "seq_len"))
     r.set_defaults(func=run_rl)
 
     t = sub.add_parser("task", help="the verifiable addition task: make its data, measure a checkpoint's accuracy")

@@ -118,7 +118,7 @@ class EngineRunner:
 
     @property
     def max_model_len(self) -> int:
-        return getattr(self.engine, "max_model_len", None) or self.model_config.max_position_embeddings
+        return self.engine.max_model_len
 
     @property
     def healthy(self) -> bool:
