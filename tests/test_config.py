@@ -150,3 +150,55 @@ def test_fields_this_model_cannot_honour_are_refused(changes, pattern):
 def test_release_style_fields_that_match_this_model_still_load():
     d = PRESETS["moge-tiny"].to_hf_dict() | {"mlp_only_layers": [], "decoder_sparse_step": 1, "eos_token_id": [2]}
     assert ModelConfig.from_hf_dict(d) == PRESETS["moge-tiny"]
+
+
+def test_deepseek_tiny_is_moge_tiny_with_deepseek_v3_routing():
+    import torch
+
+    from moge.nn.model import PanguProMoEForCausalLM
+
+    ds, moge = PRESETS["deepseek-tiny"], PRESETS["moge-tiny"]
+    assert (ds.router, ds.topk_groups) == ("group_limited", 2)
+    assert ds.replace(router="grouped", topk_groups=4) == moge  # every other field is moge-tiny's
+    with torch.device("meta"):
+        ds_counts = PanguProMoEForCausalLM(ds).num_parameters()
+        moge_counts = PanguProMoEForCausalLM(moge).num_parameters()
+    assert ds_counts == moge_counts
+    assert ds.parameter_counts()["activated"] == moge.parameter_counts()["activated"] == moge_counts["activated"]
+
+
+def test_group_limited_config_round_trips(tmp_path):
+    cfg = PRESETS["deepseek-tiny"]
+    d = cfg.to_hf_dict()
+    assert (d["moe_router"], d["moe_topk_groups"], d["num_expert_groups"]) == ("group_limited", 2, 4)
+    cfg.to_json(tmp_path / "config.json")
+    assert load_model_config(tmp_path) == cfg
+    assert load_model_config("deepseek-tiny") is cfg
+
+
+def test_deepseek_tiny_trains_and_updates_its_selection_bias(corpus, tmp_path):
+    import math
+
+    import torch
+
+    from moge.nn.routing import Router
+    from moge.train.config import TrainConfig
+    from moge.train.data import load_data
+    from moge.train.trainer import Trainer
+
+    cfg = TrainConfig(model="deepseek-tiny", data=str(corpus / "data"), out=str(tmp_path / "run"), steps=3,
+                      batch_size=4, seq_len=16, warmup=1, lr=1e-2, eval_every=100, eval_windows=2, save_every=100,
+                      bias_update_rate=1e-2)
+    trainer = Trainer(cfg, load_data(cfg), log=lambda _m: None)
+    routers = [m for m in trainer.model.modules() if isinstance(m, Router)]
+    assert len(routers) == 4 and all(r.cfg.router == "group_limited" and r.cfg.topk_groups == 2 for r in routers)
+    for _ in range(3):
+        before = [r.expert_bias.clone() for r in routers]
+        row = trainer.train_step()
+        assert math.isfinite(row["ce"]) and math.isfinite(row["aux"])
+        for r, b in zip(routers, before):
+            # one sign update per optimizer step: each expert's bias moves by -rate, 0 or +rate, and
+            # an unbalanced layer moves some
+            step = (r.expert_bias - b) / 1e-2
+            torch.testing.assert_close(step, step.round().clamp(-1, 1))
+            assert step.abs().sum() > 0

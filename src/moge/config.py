@@ -32,7 +32,9 @@ class MoEConfig:
       grouped        MoGE: global softmax, top-(top_k/num_groups) inside each of num_groups groups
       topk           conventional MoE (paper Eq. 2): softmax over the top_k kept logits
       softmax_topk   softmax over all experts, keep the top_k (optionally renormalised)
-      group_limited  DeepSeek-V3 style: keep topk_groups groups by their top-2 score sum, then top_k
+      group_limited  DeepSeek-V3: sigmoid affinities (+ the selection bias), keep topk_groups groups by
+                     their top-2 biased score sum, then top_k; weights are the unbiased affinities
+                     normalised over the top_k (always: renormalize does not apply)
     """
 
     hidden_size: int
@@ -411,6 +413,13 @@ PRESETS: dict[str, ModelConfig] = {
                              num_experts=16, top_k=4, num_groups=4, router="topk", expert_intermediate_size=128,
                              shared_expert_intermediate_size=256, max_position_embeddings=1024,
                              rope_theta=10000.0, eos_token_id=2, pad_token_id=0),
+    # DeepSeek-V3's routing (router="group_limited") on the same experts: every shape as above, so
+    # it has exactly moge-tiny's activated parameters (routing adds no parameter; the selection
+    # bias is a buffer).
+    "deepseek-tiny": ModelConfig(vocab_size=8192, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                                 num_experts=16, top_k=4, num_groups=4, router="group_limited", topk_groups=2,
+                                 expert_intermediate_size=128, shared_expert_intermediate_size=256,
+                                 max_position_embeddings=1024, rope_theta=10000.0, eos_token_id=2, pad_token_id=0),
     "dense-tiny": ModelConfig(vocab_size=8192, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                               num_experts=0, top_k=1, num_groups=1, router="topk", intermediate_size=768,
                               shared_expert_intermediate_size=0, max_position_embeddings=1024,

@@ -1,5 +1,7 @@
 """Routers against direct restatements of the paper's definitions."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -96,19 +98,157 @@ def test_softmax_topk_variant_with_and_without_renormalise():
     torch.testing.assert_close(rn.weights_TK, v / v.sum(-1, keepdim=True))
 
 
-def test_group_limited_matches_a_direct_restatement():
-    torch.manual_seed(3)
-    t, n, m, keep, k = 30, 16, 4, 2, 4
-    probs = torch.softmax(torch.randn(t, n), -1)
-    w, e = group_limited_topk(probs, m, keep, k)
+def _v3_reference(logits, group_of, topk_groups, k, bias=None):
+    """DeepSeek-V3 routing of one token, one expert at a time, from the description: affinity
+    s_i = sigmoid(logit_i); selection by s_i + b_i; group score = sum of the group's top-2 selection
+    scores; keep the topk_groups best groups; top-K experts by selection score among their experts;
+    weights = s of the chosen normalised to sum 1. Returns (ids in choice order, weights)."""
+    n = len(logits)
+    s = [1.0 / (1.0 + math.exp(-x)) for x in logits]
+    sel = [s[i] + (bias[i] if bias is not None else 0.0) for i in range(n)]
+    groups = sorted(set(group_of))
+    group_score = {}
+    for g in groups:
+        members = sorted((sel[i] for i in range(n) if group_of[i] == g), reverse=True)
+        group_score[g] = sum(members[:2])
+    kept = sorted(groups, key=lambda g: -group_score[g])[:topk_groups]
+    allowed = [i for i in range(n) if group_of[i] in kept]
+    chosen = sorted(allowed, key=lambda i: -sel[i])[:k]
+    total = sum(s[i] for i in chosen)
+    return chosen, [s[i] / total for i in chosen]
+
+
+@st.composite
+def group_limited_cases(draw):
+    m = draw(st.sampled_from([1, 2, 4, 8]))
+    per = draw(st.integers(1, 5))
+    keep = draw(st.integers(1, m))
+    k = draw(st.integers(1, keep * per))
+    t = draw(st.integers(1, 12))
+    explicit = draw(st.booleans())
+    biased = draw(st.booleans())
+    seed = draw(st.integers(0, 10_000))
+    return m, per, keep, k, t, explicit, biased, seed
+
+
+@given(group_limited_cases())
+def test_group_limited_is_deepseek_v3_routing(case):
+    """route() against the per-token reference: ids, weights (x router_scale), s' as probs_TN; with
+    and without the selection bias, contiguous and explicit expert_to_group."""
+    m, per, keep, k, t, explicit, biased, seed = case
+    n = m * per
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(t, n, generator=g) * 2
+    bias = torch.randn(n, generator=g) * 0.3 if biased else None
+    assign = tuple(torch.randperm(n, generator=g).remainder(m).tolist()) if explicit else None
+    cfg = MoEConfig(hidden_size=4, num_experts=n, num_groups=m, top_k=k, expert_intermediate_size=4,
+                    router="group_limited", topk_groups=keep, expert_to_group=assign)
+    group_of = cfg.group_of_expert()
+    by_group = torch.tensor(sorted(range(n), key=lambda e: (group_of[e], e))).view(m, per) if explicit else None
+    scale = torch.rand(1, n, generator=g) + 0.5
+    r = route(logits, cfg, router_scale_1N=scale, bias_N=bias, experts_by_group_GE=by_group)
+    assert r.experts_TK.shape == r.weights_TK.shape == (t, k)
     for row in range(t):
-        scores = [probs[row, j * 4:(j + 1) * 4].topk(2).values.sum().item() for j in range(m)]
-        groups = sorted(range(m), key=lambda j: -scores[j])[:keep]
-        allowed = [x for j in groups for x in range(j * 4, (j + 1) * 4)]
-        best = sorted(allowed, key=lambda x: -probs[row, x].item())[:k]
-        assert sorted(e[row].tolist()) == sorted(best)
-        assert len({x // 4 for x in e[row].tolist()}) <= keep
-    torch.testing.assert_close(w, probs.gather(1, e))
+        ids, weights = _v3_reference(logits[row].tolist(), group_of, keep, k,
+                                     bias.tolist() if bias is not None else None)
+        assert r.experts_TK[row].tolist() == ids
+        want = torch.tensor(weights) * scale[0, ids]
+        torch.testing.assert_close(r.weights_TK[row], want)
+        assert len({group_of[e] for e in ids}) <= keep
+    s = torch.sigmoid(logits)
+    torch.testing.assert_close(r.probs_TN, s / s.sum(-1, keepdim=True))
+    # the pure function gives the same routing (weights before router_scale)
+    w, e = group_limited_topk(logits, m, keep, k, experts_by_group_GE=by_group, bias_N=bias)
+    assert torch.equal(e, r.experts_TK)
+    torch.testing.assert_close(w * scale[0, e], r.weights_TK)
+
+
+def _logit(p):
+    return math.log(p / (1 - p))
+
+
+# 8 experts in 4 groups of 2 (contiguous), chosen so that sigmoid(logit) is a round number.
+HAND_S = [0.9, 0.1, 0.7, 0.5, 0.8, 0.3, 0.2, 0.25]
+
+
+def test_group_limited_hand_computed():
+    """Group scores (sum of both members): g0 0.9+0.1=1.0, g1 0.7+0.5=1.2, g2 0.8+0.3=1.1,
+    g3 0.2+0.25=0.45. topk_groups=2 keeps g1 and g2, so expert 0 (the best single expert, 0.9) is out.
+    Top-2 of {2: 0.7, 3: 0.5, 4: 0.8, 5: 0.3} -> experts 4, 2 with weights 0.8/1.5, 0.7/1.5."""
+    cfg = MoEConfig(hidden_size=4, num_experts=8, num_groups=4, top_k=2, expert_intermediate_size=4,
+                    router="group_limited", topk_groups=2)
+    logits = torch.tensor([[_logit(p) for p in HAND_S]])
+    r = route(logits, cfg)
+    assert r.experts_TK.tolist() == [[4, 2]]
+    torch.testing.assert_close(r.weights_TK, torch.tensor([[8 / 15, 7 / 15]]))
+    torch.testing.assert_close(r.probs_TN, torch.tensor([HAND_S]) / 3.75)  # sum of the eight s = 3.75
+
+
+def test_group_limited_hand_computed_with_bias():
+    """Bias +0.6 on experts 6, 7: biased group scores g0 1.0, g1 1.2, g2 1.1, g3 0.8+0.85=1.65, so
+    g3 and g1 are kept; biased top-2 of {2: 0.7, 3: 0.5, 6: 0.8, 7: 0.85} -> experts 7, 6. Weights
+    use the unbiased s: 0.25/0.45 = 5/9 and 0.2/0.45 = 4/9."""
+    cfg = MoEConfig(hidden_size=4, num_experts=8, num_groups=4, top_k=2, expert_intermediate_size=4,
+                    router="group_limited", topk_groups=2)
+    logits = torch.tensor([[_logit(p) for p in HAND_S]])
+    bias = torch.tensor([0, 0, 0, 0, 0, 0, 0.6, 0.6])
+    r = route(logits, cfg, bias_N=bias)
+    assert r.experts_TK.tolist() == [[7, 6]]
+    torch.testing.assert_close(r.weights_TK, torch.tensor([[5 / 9, 4 / 9]]))
+    torch.testing.assert_close(r.probs_TN, route(logits, cfg).probs_TN)  # the bias never reaches s'
+
+
+@given(seed=st.integers(0, 10_000), renormalize=st.booleans())
+def test_group_limited_bias_moves_selection_never_weights(seed, renormalize):
+    g = torch.Generator().manual_seed(seed)
+    cfg = MoEConfig(hidden_size=8, num_experts=16, num_groups=4, top_k=4, expert_intermediate_size=4,
+                    router="group_limited", topk_groups=2, aux_free_bias=True, renormalize=renormalize)
+    router = Router(cfg)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.randn(16, 8, generator=g))
+    x = torch.randn(40, 8, generator=g)
+    base = router(x)
+    with torch.no_grad():
+        router.expert_bias[[5, 6, 9, 10]] = 10.0  # two experts in each of groups 1 and 2
+    biased = router(x)
+    assert torch.equal(biased.experts_TK.sort(-1).values, torch.tensor([[5, 6, 9, 10]]).expand(40, 4))
+    s = torch.sigmoid(biased.logits_TN)
+    chosen = s.gather(1, biased.experts_TK)
+    # weights: the unbiased affinities normalised over the K chosen, summing to 1 (router_scale = 1),
+    # whatever `renormalize` says
+    torch.testing.assert_close(biased.weights_TK, chosen / chosen.sum(-1, keepdim=True))
+    torch.testing.assert_close(biased.weights_TK.sum(-1), torch.ones(40))
+    torch.testing.assert_close(base.weights_TK.sum(-1), torch.ones(40))
+    torch.testing.assert_close(biased.probs_TN, base.probs_TN)
+    assert not torch.equal(biased.experts_TK, base.experts_TK)
+
+
+def test_group_limited_traces_into_one_graph_and_equals_eager():
+    """No host sync: the whole route (bias, explicit groups) compiles with fullgraph=True."""
+    assign = (0, 1, 2, 3) * 4
+    cfg = MoEConfig(hidden_size=4, num_experts=16, num_groups=4, top_k=4, expert_intermediate_size=4,
+                    router="group_limited", topk_groups=2, expert_to_group=assign)
+    by_group = torch.tensor(sorted(range(16), key=lambda e: (assign[e], e))).view(4, 4)
+    logits, bias = torch.randn(9, 16), torch.randn(16) * 0.2
+
+    def run(t):
+        r = route(t, cfg, bias_N=bias, experts_by_group_GE=by_group)
+        return r.weights_TK, r.experts_TK, r.probs_TN
+
+    got = torch.compile(run, backend="aot_eager", fullgraph=True)(logits)
+    for a, b in zip(got, run(logits)):
+        torch.testing.assert_close(a, b)
+
+
+def test_group_limited_update_bias_balances_globally():
+    cfg = MoEConfig(hidden_size=4, num_experts=8, num_groups=4, top_k=2, expert_intermediate_size=4,
+                    router="group_limited", topk_groups=2, aux_free_bias=True)
+    router = Router(cfg).train()
+    router(torch.randn(64, 4))
+    counts = router.tokens_per_expert.clone()
+    assert counts.sum() == 64 * 2
+    router.update_bias(rate=0.1)
+    torch.testing.assert_close(router.expert_bias, 0.1 * torch.sign(counts.mean() - counts))
 
 
 def test_gradients_reach_gate_weight_and_router_scale():

@@ -30,7 +30,10 @@ class RoutingResult:
 
     weights_TK: Tensor  # fp32 combine weights of the chosen experts (router_scale applied)
     experts_TK: Tensor  # int64 expert ids; for the grouped router ordered by group
-    probs_TN: Tensor  # fp32 softmax over all N experts of the unbiased logits (the paper's S)
+    # fp32 distribution over all N experts from the unbiased logits, for balance losses and metrics:
+    # the softmax (the paper's S), or for group_limited the sigmoid affinities normalised over N
+    # (DeepSeek-V3's s')
+    probs_TN: Tensor
     logits_TN: Tensor  # fp32 router logits
     group_of_expert_N: Tensor  # int64 group id of every expert
 
@@ -163,25 +166,39 @@ def softmax_then_topk(probs_TN: Tensor, k: int, *, bias_N: Tensor | None = None)
     return probs_TN.gather(1, experts_TK), experts_TK
 
 
-def group_limited_topk(probs_TN: Tensor, num_groups: int, topk_groups: int, k: int, *,
+def group_limited_topk(logits_TN: Tensor, num_groups: int, topk_groups: int, k: int, *,
                        experts_by_group_GE: Tensor | None = None,
                        bias_N: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """DeepSeek-V3 style: keep the `topk_groups` groups with the largest sum of their top-2
-    scores, then a global top-K among those groups' experts. Limits how many devices a token
-    touches; it does not equalise device load."""
-    T, N = probs_TN.shape
+    """DeepSeek-V3 routing (arXiv 2412.19437, section 2.1.2): sigmoid affinities s = sigmoid(logits);
+    selection uses s + bias. Keep the `topk_groups` groups with the largest sum of their top-2 biased
+    scores, then the top-K experts by biased score among those groups' experts. Weights are the
+    unbiased s of the chosen experts normalised to sum 1 (V3 always normalises; `renormalize` does
+    not apply). Limits how many devices a token touches; it does not equalise device load.
+
+    Returns (weights_TK, experts_TK), experts by descending biased score.
+    """
+    T, N = logits_TN.shape
     per = N // num_groups
-    sel_TN = _select_scores(probs_TN, bias_N)
+    scores_TN = torch.sigmoid(logits_TN)
+    sel_TN = _select_scores(scores_TN, bias_N)
     if experts_by_group_GE is None:
-        experts_by_group_GE = torch.arange(N, device=probs_TN.device).view(num_groups, per)
-    flat = experts_by_group_GE.reshape(-1).to(probs_TN.device)
+        experts_by_group_GE = torch.arange(N, device=logits_TN.device).view(num_groups, per)
+    flat = experts_by_group_GE.reshape(-1).to(logits_TN.device)
     sel_TGE = sel_TN[:, flat].view(T, num_groups, per)
     group_score_TG = sel_TGE.topk(min(2, per), dim=-1).values.sum(-1)
     keep_TG = group_score_TG.topk(topk_groups, dim=-1).indices
     mask_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, keep_TG, True)
     masked_TN = sel_TGE.masked_fill(~mask_TG.unsqueeze(-1), float("-inf")).view(T, N)
     experts_TK = flat[masked_TN.topk(k, dim=-1).indices]
-    return probs_TN.gather(1, experts_TK), experts_TK
+    weights_TK = scores_TN.gather(1, experts_TK)
+    return weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20), experts_TK
+
+
+def sigmoid_affinity_probs(logits_TN: Tensor) -> Tensor:
+    """DeepSeek-V3's s'_i: the sigmoid affinities normalised over all N experts, the distribution
+    the balance losses of the group_limited router use."""
+    scores_TN = torch.sigmoid(logits_TN)
+    return scores_TN / scores_TN.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
 def route(logits_TN: Tensor, cfg: MoEConfig, *, router_scale_1N: Tensor | None = None,
@@ -191,7 +208,10 @@ def route(logits_TN: Tensor, cfg: MoEConfig, *, router_scale_1N: Tensor | None =
     logits_TN = logits_TN.float()
     if cfg.check_finite:
         check_finite_logits(logits_TN)
-    probs_TN = torch.softmax(logits_TN, dim=-1)
+    if cfg.router == "group_limited":
+        probs_TN = sigmoid_affinity_probs(logits_TN)
+    else:
+        probs_TN = torch.softmax(logits_TN, dim=-1)
     if cfg.router == "grouped":
         weights_TK, experts_TK = grouped_topk(probs_TN, cfg.num_groups, cfg.top_k_per_group,
                                               experts_by_group_GE=experts_by_group_GE, bias_N=bias_N)
@@ -204,9 +224,9 @@ def route(logits_TN: Tensor, cfg: MoEConfig, *, router_scale_1N: Tensor | None =
     elif cfg.router == "softmax_topk":
         weights_TK, experts_TK = softmax_then_topk(probs_TN, cfg.top_k, bias_N=bias_N)
     else:
-        weights_TK, experts_TK = group_limited_topk(probs_TN, cfg.num_groups, cfg.topk_groups, cfg.top_k,
+        weights_TK, experts_TK = group_limited_topk(logits_TN, cfg.num_groups, cfg.topk_groups, cfg.top_k,
                                                     experts_by_group_GE=experts_by_group_GE, bias_N=bias_N)
-    if cfg.renormalize and cfg.router != "topk":
+    if cfg.renormalize and cfg.router in ("grouped", "softmax_topk"):  # topk, group_limited: always normalised
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
     if router_scale_1N is not None:
         weights_TK = weights_TK * router_scale_1N.float()[0, experts_TK]
