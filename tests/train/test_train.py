@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moge.cli import main
+from moge.errors import ConfigError
 from moge.train.config import TrainConfig, TrainingError
 from moge.train.data import load_data
 from moge.train.trainer import Trainer
@@ -138,24 +139,6 @@ def test_lr_schedule_shape():
     assert dataclasses.asdict(cfg)["steps"] == 100
 
 
-def test_compare_report_on_generated_corpus(corpus, tmp_path):
-    from moge.train.compare import run_compare
-
-    cfg = _cfg(corpus, tmp_path, steps=4, eval_every=2, save_every=2, batch_size=2)
-    report = run_compare(cfg, tmp_path / "cmp", load_data(cfg), progress=False, log=lambda _m: None)
-    assert set(report["variants"]) == {"moge", "topk", "dense", "moge-local-aux"}
-    v = report["variants"]
-    assert v["moge"]["params"]["activated"] == v["topk"]["params"]["activated"]
-    assert abs(v["dense"]["params"]["activated"] / v["moge"]["params"]["activated"] - 1) < 0.01
-    for row in v["moge"]["routing"][0]["imbalance"]:
-        assert row["mean_is"] == 0.0
-    md = (tmp_path / "cmp" / "report.md").read_text()
-    assert "| moge |" in md and "curves.png" in md
-    assert (tmp_path / "cmp" / "balance.png").read_bytes()[:4] == b"\x89PNG"
-    again = run_compare(cfg, tmp_path / "cmp", load_data(cfg), progress=False, log=lambda _m: None)
-    assert again["variants"]["moge"]["val"] == v["moge"]["val"]  # finished runs are reused
-
-
 @pytest.mark.slow
 def test_quickstart_main_job_end_to_end(tmp_path, capsys):
     """The README's main job on the real corpus (downloads on first use)."""
@@ -174,3 +157,9 @@ def test_aux_free_bias_updates_every_router_including_the_mtp_module(corpus, tmp
     biases = {n: b for n, b in trainer.model.named_buffers() if n.endswith("expert_bias")}
     assert len(biases) == trainer.model_cfg.num_layers + 1  # the MTP module's router too
     assert all(b.abs().sum() > 0 for b in biases.values()), biases
+
+
+def test_local_aux_loss_needs_the_grouped_router(corpus, tmp_path):
+    cfg = _cfg(corpus, tmp_path, model=str(corpus / "tiny-topk.json"), aux_scope="local")
+    with pytest.raises(ConfigError, match="aux_scope='local' needs router='grouped'"):
+        Trainer(cfg, load_data(cfg))

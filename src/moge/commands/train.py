@@ -11,7 +11,8 @@ from pathlib import Path
 from moge.errors import ConfigError
 from moge.train.config import AUX_SCOPES, TrainConfig
 
-# `moge compare` trains four models: the defaults are sized for about 15 minutes on 2 CPU cores.
+# `moge compare` trains six models per seed: the defaults (one seed) take about 15 minutes on 2 CPU
+# cores; the study in docs/compare.md is --seeds 3 --steps 900 --jobs 2 --threads 1.
 COMPARE_DEFAULTS = TrainConfig(out="runs/compare", steps=300, eval_every=100, save_every=100)
 
 HELP = {
@@ -126,17 +127,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
     c = sub.add_parser(
-        "compare", help="MoGE vs top-K MoE vs dense (+ local-aux ablation) on identical data; report + plots",
-        description="Trains moge-tiny (MoGE), topk-tiny (top-K MoE, same experts and K), dense-tiny (same "
-                    "activated parameters) and moge-tiny with the per-group local aux loss, on the same data "
-                    "windows and steps, then writes report.md, report.json and PNG plots to --out: validation "
-                    "loss per domain, training curves, device imbalance of the real routing at 16..4096 tokens "
-                    "per batch, per-expert load, tokens/s. Finished runs in --out are reused; interrupted ones "
-                    "resume. The defaults take about 15 minutes on 2 CPU cores; raise --steps for a longer study.",
+        "compare", help="MoGE vs top-K, group-limited and dense over seeds: intervals, paired differences, plots",
+        description="Trains every variant (moge, moge-local-aux, topk, topk-aux-free, deepseek, dense: equal "
+                    "activated parameters, equal tokens) on --seeds seeds. A seed sets the initialisation and the "
+                    "data order; at one seed every variant sees the same batches, so differences are paired per "
+                    "seed. Then writes the report (validation loss per domain with mean, std and 95%% t-interval, "
+                    "paired differences, device balance of the real routing at 16..4096 tokens per batch, a "
+                    "dedicated interleaved throughput benchmark, PNG plots in img/ next to it) to --report. Runs "
+                    "live in OUT/runs/<variant>/seed-<s>: a re-run reuses finished ones and resumes interrupted "
+                    "ones, so the same command regenerates the report. --jobs 2 --threads 1 trains two runs at "
+                    "once.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--config", help="JSON file of training settings (flags override it)")
+    c.add_argument("--seeds", type=int, default=1, help="number of seeds: --seed, --seed + 1, ... (default 1)")
+    c.add_argument("--variants", nargs="+", metavar="NAME",
+                   help="train and report only these variants (default: all six)")
+    c.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
+    c.add_argument("--report", help="where to write the markdown report (default OUT/report.md); plots go to "
+                                    "img/ next to it")
+    c.add_argument("--throughput-rounds", type=int, default=5,
+                   help="rounds of the interleaved throughput benchmark after training (0 = skip it)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
-    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--json", action="store_true", help="print the results as JSON")
     add_train_arguments(c, COMPARE_DEFAULTS)
     c.set_defaults(func=run_compare_cmd)
 
@@ -264,23 +276,59 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, rank: int) -> int:
 
 
 def run_compare_cmd(args: argparse.Namespace) -> int:
-    from moge.train.compare import run_compare
-    from moge.train.data import load_data
+    from moge.train.compare import run_study, select_variants, throughput_cached
+    from moge.train.compare_report import write_report
 
     cfg = train_config_from_args(args, COMPARE_DEFAULTS)
-    data = load_data(cfg)
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds} is invalid: must be >= 1")
+    variants = select_variants(args.variants)
+    seeds = list(range(cfg.seed, cfg.seed + args.seeds))
+    out = Path(cfg.out)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
     try:
-        report = run_compare(cfg, Path(cfg.out), data, progress=not args.no_progress,
-                             log=lambda msg: print(msg, file=sys.stderr))
+        results = run_study(cfg, out, seeds, variants, jobs=args.jobs, progress=not args.no_progress, log=log)
     except KeyboardInterrupt:
-        print(f"moge compare: interrupted; finished and partial runs are kept in {cfg.out}, run the same "
+        print(f"moge compare: interrupted; finished and partial runs are kept in {out / 'runs'}, run the same "
               f"command again to continue", file=sys.stderr)
         return 130
+    throughput = throughput_cached(out, cfg, variants, args.throughput_rounds, steps=3,
+                                   threads=cfg.threads or 1, log=log)
+    report = Path(args.report) if args.report else out / "report.md"
+    write_report(results, variants, seeds, cfg, report, throughput=throughput,
+                 command=_compare_command(args, cfg, report))
     if args.json:
-        print(json.dumps({k: v for k, v in report.items()}, indent=2))
+        print(json.dumps({"report": str(report), "throughput": throughput,
+                          "runs": [results[(v.name, s)] | {"variant": v.name, "seed": s}
+                                   for s in seeds for v in variants]}, indent=2))
     else:
-        print((Path(cfg.out) / "report.md").read_text())
+        print(report.read_text())
     return 0
+
+
+def _compare_command(args: argparse.Namespace, cfg: TrainConfig, report: Path) -> str:
+    """The command that regenerates this report: every setting that differs from the defaults."""
+    import shlex
+
+    parts = ["moge", "compare"]
+    if args.seeds != 1:
+        parts += ["--seeds", str(args.seeds)]
+    if args.variants:
+        parts += ["--variants", *args.variants]
+    if args.jobs != 1:
+        parts += ["--jobs", str(args.jobs)]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name not in CONFIG_ONLY and value != getattr(COMPARE_DEFAULTS, f.name):
+            parts += ["--" + f.name.replace("_", "-"), str(value)]
+    if args.report:
+        parts += ["--report", str(report)]
+    if args.throughput_rounds != 5:
+        parts += ["--throughput-rounds", str(args.throughput_rounds)]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def run_analyze(args: argparse.Namespace) -> int:

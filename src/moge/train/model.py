@@ -40,6 +40,10 @@ def meta_train_model(model_cfg: ModelConfig, cfg: TrainConfig) -> PanguProMoEFor
     if cfg.mtp_loss_weight > 0 and not model_cfg.num_mtp_modules:
         raise ConfigError(f"mtp_loss_weight={cfg.mtp_loss_weight} needs a model with an MTP module: pass --mtp "
                           f"(mtp_modules=1) or use a model config with num_nextn_predict_layers=1")
+    if cfg.aux_scope == "local" and cfg.aux_alpha and model_cfg.is_moe and model_cfg.router != "grouped":
+        # the per-group local loss assumes top_k/num_groups experts in every group: MoGE only
+        raise ConfigError(f"aux_scope='local' needs router='grouped' (MoGE), not {model_cfg.router!r}: use "
+                          f"aux_scope 'micro' or 'global'")
     model = meta_model(model_cfg)
     if cfg.bias_update_rate > 0 and model_cfg.is_moe:
         # aux-loss-free balancing needs routers with the selection-bias buffers
