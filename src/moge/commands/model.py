@@ -49,7 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default="auto",
                    help="cpu, cuda or cuda:N; auto = the GPU (under torchrun: the local rank's) when CUDA is "
                         "present, else cpu")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=_threads, default="auto",
+                   help="torch CPU threads; auto (default) times decode steps at 1, 2, 4, ... threads up to the "
+                        "usable cores, runs the fastest and re-checks as the machine's load changes")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
     g.add_argument("--speculative", action="store_true",
                    help="speculative decoding with the checkpoint's MTP module (same output / distribution; "
@@ -188,12 +190,25 @@ def _placement(args: argparse.Namespace) -> dict:
     return {"dtype": dtype, "device": device}
 
 
+def _threads(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--threads {value!r} is invalid: a positive integer or 'auto'")
+    return n
+
+
 def _generate(args: argparse.Namespace, parallel: str | None) -> int:
     from moge.inference.generate import Sampling, generate
     from moge.inference.tokenizer import chat_prompt, load_tokenizer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from moge.inference.threads import decode_threads
+
+    runner = decode_threads(args.threads)
     if not args.prompt and not args.token_ids:
         raise ConfigError("give at least one --prompt TEXT or --token-ids 1,2,3")
     model = _load(args, parallel)
@@ -234,13 +249,15 @@ def _generate(args: argparse.Namespace, parallel: str | None) -> int:
                                    agree_min=agree_min)
     else:
         res = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop,
-                       on_token=on_token, all_done=all_done)
+                       on_token=on_token, all_done=all_done,
+                       threads=runner if next(model.parameters()).device.type == "cpu" else None)
     if quiet:
         return 0
     texts = [tok.decode(t) if tok is not None else None for t in res.tokens]
     out = {"completions": [{"tokens": t, "text": x} for t, x in zip(res.tokens, texts)],
            "prompt_tokens": res.prompt_tokens, "new_tokens": res.new_tokens,
-           "prefill_tokens_per_s": res.prefill_tokens_per_s, "decode_tokens_per_s": res.decode_tokens_per_s}
+           "prefill_tokens_per_s": res.prefill_tokens_per_s, "decode_tokens_per_s": res.decode_tokens_per_s,
+           "threads": res.threads}
     if args.speculative:
         rate, per_step = res.acceptance_rate, res.tokens_per_step  # nan (nothing drafted) -> null
         out["speculative"] = {"num_draft": res.num_draft, "acceptance_rate": rate if rate == rate else None,

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from moge.errors import ConfigError
 from moge.config import ModelConfig
+from moge.inference.threads import FixedThreads, ThreadTuner
 from moge.nn.model import KVCache, PanguProMoEForCausalLM
 
 
@@ -72,6 +73,7 @@ class GenerationResult:
     decode_s: float
     decode_steps: int
     finished: list[bool] = field(default_factory=list)
+    threads: dict | None = None  # the decode loop's thread counts (moge.inference.threads summary)
 
     @property
     def new_tokens(self) -> int:
@@ -124,9 +126,12 @@ def _local(done: bool) -> bool:
 def generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
              sampling: Sampling = Sampling(), stop_ids: Sequence[int] | None = None,
              on_token: Callable[[int, int], None] | None = None,
-             all_done: Callable[[bool], bool] | None = None) -> GenerationResult:
+             all_done: Callable[[bool], bool] | None = None,
+             threads: ThreadTuner | FixedThreads | None = None) -> GenerationResult:
     """Generate up to `max_new_tokens` for each prompt. `on_token(row, token_id)` streams tokens.
-    A row stops at any of `stop_ids` (default: the config's eos_token_id).
+    A row stops at any of `stop_ids` (default: the config's eos_token_id). `threads` runs the
+    decode steps (`moge.inference.threads.decode_threads`: tuned by timing, or fixed); default:
+    torch's current thread count.
 
     `all_done(done) -> bool` decides when decoding ends, given whether this call's rows are all
     done (default: when they are). The ranks of a parallel model must step together: pass
@@ -145,6 +150,7 @@ def generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]], *,
     cache = allocate(B, longest + max_new_tokens, dtype, device) if allocate is not None else \
         KVCache.allocate(cfg, B, longest + max_new_tokens, dtype, device)
     gen = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    runner = threads or FixedThreads()
 
     t0 = time.perf_counter()
     out = model(ids, cache=cache, attention_mask=mask if padded else None, logits_slice=slice(-1, None))
@@ -164,9 +170,9 @@ def generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]], *,
                 done[row] = True
         if (all_done or _local)(all(done)):
             break
-        out = model(next_ids.view(B, 1), cache=cache)
-        next_ids = sample_next(out.logits[:, -1], sampling, gen)
+        next_ids = runner.run(lambda ids=next_ids: sample_next(model(ids.view(B, 1), cache=cache).logits[:, -1],
+                                                               sampling, gen))
         steps += 1
     t2 = time.perf_counter()
     return GenerationResult(tokens, sum(len(p) for p in prompts), t1 - t0, t2 - t1, steps,
-                            [bool(t and t[-1] in stop) for t in tokens])
+                            [bool(t and t[-1] in stop) for t in tokens], runner.summary())
