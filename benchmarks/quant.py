@@ -1,4 +1,5 @@
-"""W8A8 quantization of the trained tiny model: quality, expert agreement, memory and speed.
+"""W8A8 and weight-only quantization of the trained tiny model: quality, expert agreement, memory
+and speed.
 
     .venv/bin/python benchmarks/quant.py --threads 1 --json quant.json
 
@@ -12,7 +13,9 @@
    float function unchanged), with and without smoothing: what smoothing is for.
 3. Weight memory: the quantized matrices in int8 + fp32 scales against the same matrices in fp32,
    and the whole model.
-4. Decode tokens/s (greedy, fixed length), float vs W8A8 interleaved, at batch 1 and 16.
+   The weight-only int8 / int4 models (moge.quant.weight_only: round-to-nearest, float
+   activations) are evaluated alongside.
+4. Decode tokens/s (greedy, fixed length), float vs W8A8 vs weight-only, interleaved, at batch 1 and 16.
 5. A larger layer (hidden 1024 by default): one linear [M, D] x [D, D] in fp32, in W8A8 with both
    integer kernels of moge.quant.int8, and oneDNN's u8s8 int8 GEMM (the vendor kernel torch uses for
    its x86 quantized ops), with its error: on CPUs without VNNI its 16-bit intermediate sums
@@ -38,7 +41,8 @@ import torch.nn.functional as F
 from moge.checkpoint import load_pretrained
 from moge.inference.generate import Sampling, generate
 from moge.quant import (balanced_calibration_set, int8_kernel, int8_linear, int8_mm, quantize_model,
-                        quantize_per_channel, quantize_per_token, set_int8_kernel, weight_memory)
+                        quantize_per_channel, quantize_per_token, quantize_weight_only, set_int8_kernel,
+                        weight_memory)
 from moge.train.trainer import TrainData
 
 
@@ -215,15 +219,22 @@ def main() -> None:
           f"({res['memory']['quantized_matrices_ratio']:.2f}x); whole model {mem_fp['total_bytes']:,} -> "
           f"{mem_q['total_bytes']:,} B ({res['memory']['whole_model_ratio']:.2f}x)")
 
+    weight_only = {}
+    for name in ("int8-wo", "int4-wo"):
+        weight_only[name.replace("-", "_")] = copy.deepcopy(fp)
+        quantize_weight_only(weight_only[name.replace("-", "_")], name)
     if "eval" not in args.skip:
         data = TrainData(args.data, seq_len=args.seq_len)
         plain = copy.deepcopy(fp)
         quantize_model(plain)  # the same W8A8 without smoothing, for comparison
-        ev = evaluate({"fp32": fp, "w8a8": q, "w8a8_unsmoothed": plain.eval()}, data, args.val_windows, 16)
+        ev = evaluate({"fp32": fp, "w8a8": q, "w8a8_unsmoothed": plain.eval(), **weight_only}, data,
+                      args.val_windows, 16)
         res["eval"] = ev
         rel = ev["w8a8"]["ppl_all"] / ev["fp32"]["ppl_all"] - 1
         res["ppl_relative_change"] = rel
         res["ppl_relative_change_unsmoothed"] = ev["w8a8_unsmoothed"]["ppl_all"] / ev["fp32"]["ppl_all"] - 1
+        for name in weight_only:
+            res[f"ppl_relative_change_{name}"] = ev[name]["ppl_all"] / ev["fp32"]["ppl_all"] - 1
         print(f"\nvalidation ({ev['fp32']['tokens']} tokens):")
         print("| model | " + " | ".join(data.domains) + " | ppl (all) | ppl change | expert agreement per layer |")
         print("|---" * (len(data.domains) + 4) + "|")
@@ -258,12 +269,15 @@ def main() -> None:
         data = TrainData(args.data, seq_len=args.seq_len)
         batch = next(data.val_batches(data.domains[0], 16, 16))
         prompts = {1: [batch[0, :32].tolist()], 16: [row[:32].tolist() for row in batch]}
-        sp = decode_speed({"fp32": fp, "w8a8": q}, prompts, args.new_tokens, args.reps)
+        sp = decode_speed({"fp32": fp, "w8a8": q, **weight_only}, prompts, args.new_tokens, args.reps)
         res["decode_tokens_per_s"] = {str(k): v for k, v in sp.items()}
         print(f"\ndecode tokens/s ({args.threads} thread(s), {args.new_tokens} new tokens, kernel {int8_kernel()}):")
-        print("| batch | fp32 | w8a8 | w8a8 / fp32 |\n|---|---|---|---|")
+        others = ["w8a8", *weight_only]
+        print("| batch | fp32 | " + " | ".join(others) + " | " + " | ".join(f"{n} / fp32" for n in others) + " |")
+        print("|---" * (2 + 2 * len(others)) + "|")
         for bs, v in sp.items():
-            print(f"| {bs} | {v['fp32']:.1f} | {v['w8a8']:.1f} | {v['w8a8'] / v['fp32']:.2f}x |")
+            print(f"| {bs} | {v['fp32']:.1f} | " + " | ".join(f"{v[n]:.1f}" for n in others) + " | "
+                  + " | ".join(f"{v[n] / v['fp32']:.2f}x" for n in others) + " |")
 
     if "large" not in args.skip:
         rows = large_layer(args.large_dim, [1, 16, 64, 256], args.reps)

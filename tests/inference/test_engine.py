@@ -279,6 +279,21 @@ def test_a_w8a8_model_serves_what_it_generates():
         assert tokens[str(i)] == _alone(model, p, 6)
 
 
+@pytest.mark.parametrize("scheme", ["int8-wo", "int4-wo"])
+def test_a_weight_only_model_serves_what_it_generates(scheme):
+    """Weight-only int8 / int4 modules (and their kernel) run inside continuous batching: each
+    request equals that quantized model's `generate` alone."""
+    from moge.quant.weight_only import quantize_weight_only
+
+    model = make_model(CFG.replace(hidden_size=64, expert_intermediate_size=32, shared_expert_intermediate_size=64))
+    quantize_weight_only(model, scheme)
+    prompts = _prompts([9, 4, 13, 7], seed=8)
+    engine = Engine(model, EngineConfig(kv_blocks=32, block_size=4, step_tokens=8))
+    tokens, _, _ = _drain(engine, {0: [Request(str(i), p, 6) for i, p in enumerate(prompts)]})
+    for i, p in enumerate(prompts):
+        assert tokens[str(i)] == _alone(model, p, 6)
+
+
 def test_voted_experts_serve_and_equal_generate_for_a_lone_request():
     """Voting is a batch-level choice (the experts most chosen by the step's tokens), so a request
     alone in the engine gets what `generate` gives it alone; in a busy batch it still finishes."""

@@ -253,7 +253,7 @@ class PartialSource:
                 except Exception as e:  # noqa: BLE001
                     raise corrupt_file_error(path, e) from None
                 if self.quantized is not None and key in self.quantized.quant_keys:
-                    check_quantized_values(key, value, path)
+                    check_quantized_values(key, value, path, signed_scales=self.quantized.scheme.signed_scales)
                 dst.copy_(value.reshape(dst.shape))
                 touched += _span(src, shape) * value.element_size()
                 del value

@@ -38,6 +38,7 @@ from moge.nn.moe import MoGEBlock
 from moge.quant.experts import QuantExperts
 from moge.quant.int8 import QuantLinear
 from moge.quant.smoothing import smooth_attention, smooth_mlp
+from moge.quant.weight_only import WOExperts, WOLinear
 
 DEFAULT_ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 FINAL_LOGIT_POSITIONS = 1024  # positions sampled for the last layer's lm_head objective
@@ -92,7 +93,8 @@ def _quantize_mlp(mlp: nn.Module, prefix: str, report: QuantizationReport) -> No
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (QuantLinear, QuantExperts)) for m in model.modules())
+    """Whether `model` holds quantized modules of any scheme (W8A8 or weight-only)."""
+    return any(isinstance(m, (QuantLinear, QuantExperts, WOLinear, WOExperts)) for m in model.modules())
 
 
 # ---------------------------------------------------------------------------------------------
