@@ -2,7 +2,9 @@
 
 Both run in this one process, interleaved, fp32 on CPU: prefill tokens/s (one forward over the
 prompt, logits of the last position only) and decode tokens/s (a timed greedy generation of a
-fixed number of new tokens, minus the prefill), at batch 1 and batch 16. Prints medians and
+fixed number of new tokens, minus the prefill), at batch 1 and batch 16. Rows `moge-int8` and
+`moge-int4` are the same model with weight-only int8 / int4 weights (moge.quant.weight_only,
+quantized in process, group size 32, symmetric), timed interleaved with the rest. Prints medians and
 ratios (ours / theirs, >1 means we are faster), writes `--out FILE.json`, and reports batch-1
 decode against the memory-bandwidth floor: the bytes of the activated weights each token must
 read (activated parameters minus the embedding table, fp32) over a bandwidth measured here.
@@ -32,12 +34,25 @@ import torch
 
 from moge.config import PRESETS, ModelConfig
 from moge.inference.generate import Sampling, generate
+from moge.inference.threads import ThreadTuner
 from moge.nn.model import KVCache, PanguProMoEForCausalLM
+from moge.quant.weight_only import quantize_weight_only, wo_kernel
+
+QUANTIZED = {"int8": "int8-wo", "int4": "int4-wo"}
 
 
 def build_ours(cfg: ModelConfig, seed: int) -> PanguProMoEForCausalLM:
     torch.manual_seed(seed)
     return PanguProMoEForCausalLM(cfg).eval()
+
+
+def build_quantized(ours: PanguProMoEForCausalLM, name: str) -> PanguProMoEForCausalLM:
+    """A weight-only copy of our model (`name`: int8 or int4), round-to-nearest."""
+    import copy
+
+    model = copy.deepcopy(ours)
+    quantize_weight_only(model, QUANTIZED[name])
+    return model.eval()
 
 
 def build_theirs(cfg: ModelConfig, experts_impl: str, seed: int):
@@ -141,10 +156,11 @@ def prefill_theirs(model, ids: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def generate_ours(model: PanguProMoEForCausalLM, ids: torch.Tensor, new_tokens: int) -> float:
+def generate_ours(model: PanguProMoEForCausalLM, ids: torch.Tensor, new_tokens: int,
+                  threads: ThreadTuner | None = None) -> float:
     prompts = ids.tolist()
     t0 = time.perf_counter()
-    result = generate(model, prompts, max_new_tokens=new_tokens, sampling=Sampling(), stop_ids=[])
+    result = generate(model, prompts, max_new_tokens=new_tokens, sampling=Sampling(), stop_ids=[], threads=threads)
     elapsed = time.perf_counter() - t0
     assert all(len(t) == new_tokens for t in result.tokens)
     return elapsed
@@ -162,20 +178,32 @@ def generate_theirs(model, ids: torch.Tensor, new_tokens: int) -> float:
 
 
 def bench_batch(ours, theirs: dict, cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,
-                reps: int, seed: int) -> dict:
+                reps: int, seed: int, quantized: dict | None = None, tune: bool = True) -> dict:
     gen = torch.Generator().manual_seed(seed + batch)
     ids = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=gen)
     contenders = {"moge": (ours, prefill_ours, generate_ours)}
+    contenders.update({f"moge-{name}": (m, prefill_ours, generate_ours) for name, m in (quantized or {}).items()})
+    # ours pick their decode thread count by timing (as `moge generate --threads auto` does), up to
+    # the benchmark's thread count; one tuner per model lives across the repetitions like a server's
+    fixed = torch.get_num_threads()
+    tuners = {name: ThreadTuner(fixed) for name in contenders if tune and name.startswith("moge")}
     contenders.update({f"hf-{impl}": (m, prefill_theirs, generate_theirs) for impl, m in theirs.items()})
     prefill: dict[str, list[float]] = {k: [] for k in contenders}
     total: dict[str, list[float]] = {k: [] for k in contenders}
-    for model, pf, gn in contenders.values():  # warm-up
-        pf(model, ids)
-        gn(model, ids, 2)
+    def run(name, model, pf, gn, n):
+        torch.set_num_threads(fixed)  # prefill and the peer always at the fixed count
+        p = pf(model, ids)
+        g = gn(model, ids, n, tuners[name]) if name in tuners else gn(model, ids, n)
+        torch.set_num_threads(fixed)
+        return p, g
+
+    for name, (model, pf, gn) in contenders.items():  # warm-up
+        run(name, model, pf, gn, 2)
     for _ in range(reps):
         for name, (model, pf, gn) in contenders.items():
-            prefill[name].append(pf(model, ids))
-            total[name].append(gn(model, ids, new_tokens))
+            p, g = run(name, model, pf, gn, new_tokens)
+            prefill[name].append(p)
+            total[name].append(g)
     out = {}
     for name in contenders:
         p = statistics.median(prefill[name])
@@ -188,6 +216,8 @@ def bench_batch(ours, theirs: dict, cfg: ModelConfig, batch: int, prompt_len: in
             "decode_tok_s": batch * (new_tokens - 1) / decode_s,
             "decode_ms_per_step": 1000 * decode_s / (new_tokens - 1),
         }
+        if name in tuners:
+            out[name]["decode_threads"] = tuners[name].summary()
     return out
 
 
@@ -201,6 +231,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--hf-experts", nargs="+", default=["eager", "grouped_mm"],
                    help="transformers experts implementations to try (config._experts_implementation)")
+    p.add_argument("--quantized", nargs="*", default=list(QUANTIZED), choices=list(QUANTIZED),
+                   help="weight-only copies of our model to time as rows moge-<name>")
+    p.add_argument("--fixed-threads", action="store_true",
+                   help="decode ours at exactly --threads (default: tuned by timing, at most --threads)")
+    p.add_argument("--load", type=int, default=0,
+                   help="background processes kept busy during the measurement (one thread each, a float "
+                        "matmul loop: another job on the same cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the JSON results to this file")
     args = p.parse_args()
@@ -208,6 +245,7 @@ def main() -> None:
 
     cfg = PRESETS[args.preset]
     ours = build_ours(cfg, args.seed)
+    quantized = {name: build_quantized(ours, name) for name in args.quantized}
     theirs = {impl: build_theirs(cfg, impl, args.seed) for impl in args.hf_experts}
     for model in theirs.values():
         copy_weights(ours, model)
@@ -222,31 +260,20 @@ def main() -> None:
                "machine": platform.machine(), "processor": platform.processor(),
                "params": {"moge_total": counts["total"], "moge_activated": counts["activated"], "hf_total": hf_params},
                "bandwidth": bandwidth, "active_weight_bytes_per_token": active_bytes, "batches": {}}
+    if quantized:
+        results["weight_only_kernel"] = wo_kernel()
     print(f"{args.preset}: {counts['total'] / 1e6:.1f}M total / {counts['activated'] / 1e6:.1f}M activated "
           f"(transformers peer {hf_params / 1e6:.1f}M); threads={args.threads} of {os.cpu_count()} CPUs, "
           f"prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, median of {args.reps}")
-    for batch in args.batches:
-        res = bench_batch(ours, theirs, cfg, batch, args.prompt_len, args.new_tokens, args.reps, args.seed)
-        probe = torch.randint(3, cfg.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
-        res["active_experts_per_layer"] = {"moge": active_experts(ours, probe, True),
-                                           "hf": active_experts(next(iter(theirs.values())), probe, False)}
-        best = max((k for k in res if k.startswith("hf-")), key=lambda k: res[k]["decode_tok_s"])
-        best_pf = max((k for k in res if k.startswith("hf-")), key=lambda k: res[k]["prefill_tok_s"])
-        res["ratios"] = {"prefill": res["moge"]["prefill_tok_s"] / res[best_pf]["prefill_tok_s"],
-                         "decode": res["moge"]["decode_tok_s"] / res[best]["decode_tok_s"],
-                         "prefill_vs": best_pf, "decode_vs": best}
-        results["batches"][str(batch)] = res
-        print(f"batch {batch}:")
-        for name in [k for k in res if k not in ("ratios", "active_experts_per_layer")]:
-            r = res[name]
-            print(f"  {name:16s} prefill {r['prefill_tok_s']:9.1f} tok/s   decode {r['decode_tok_s']:8.1f} tok/s "
-                  f"({r['decode_ms_per_step']:.1f} ms/step)")
-        act = res["active_experts_per_layer"]
-        print(f"  distinct experts per layer over the prompt: ours {act['moge']:.1f}, theirs {act['hf']:.1f} "
-              f"of {cfg.num_experts}")
-        print(f"  ours/theirs: prefill {res['ratios']['prefill']:.2f}x (vs {best_pf}), "
-              f"decode {res['ratios']['decode']:.2f}x (vs {best})")
+    results["background_load"] = args.load
+    results["decode_threads"] = "fixed" if args.fixed_threads else "tuned"
+    load = start_load(args.load)
+    try:
+        run_batches(args, cfg, ours, theirs, quantized, results)
+    finally:
+        for proc in load:
+            proc.terminate()
     again = memory_bandwidth_gbs()
     bandwidth = {k: max(v, again[k]) for k, v in bandwidth.items()}
     results["bandwidth"] = bandwidth
@@ -261,6 +288,57 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def _busy() -> None:
+    torch.set_num_threads(1)
+    a = torch.rand(512, 512)
+    while True:
+        a = (a @ a).clamp_(-1, 1)
+
+
+def start_load(n: int) -> list:
+    """n processes that keep one core each busy until terminated."""
+    import multiprocessing as mp
+
+    procs = [mp.get_context("spawn").Process(target=_busy, daemon=True) for _ in range(n)]
+    for proc in procs:
+        proc.start()
+    if procs:
+        time.sleep(3.0)  # let them start spinning
+    return procs
+
+
+def run_batches(args, cfg, ours, theirs, quantized, results) -> None:
+    for batch in args.batches:
+        res = bench_batch(ours, theirs, cfg, batch, args.prompt_len, args.new_tokens, args.reps, args.seed, quantized,
+                          tune=not args.fixed_threads)
+        probe = torch.randint(3, cfg.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
+        res["active_experts_per_layer"] = {"moge": active_experts(ours, probe, True),
+                                           "hf": active_experts(next(iter(theirs.values())), probe, False)}
+        best = max((k for k in res if k.startswith("hf-")), key=lambda k: res[k]["decode_tok_s"])
+        best_pf = max((k for k in res if k.startswith("hf-")), key=lambda k: res[k]["prefill_tok_s"])
+        res["ratios"] = {"prefill": res["moge"]["prefill_tok_s"] / res[best_pf]["prefill_tok_s"],
+                         "decode": res["moge"]["decode_tok_s"] / res[best]["decode_tok_s"],
+                         "prefill_vs": best_pf, "decode_vs": best}
+        for name in quantized:  # weight-only against our own fp32 model, same process, interleaved
+            res["ratios"][f"{name}_decode_vs_fp32"] = res[f"moge-{name}"]["decode_tok_s"] / res["moge"]["decode_tok_s"]
+            res["ratios"][f"{name}_prefill_vs_fp32"] = (res[f"moge-{name}"]["prefill_tok_s"]
+                                                        / res["moge"]["prefill_tok_s"])
+        results["batches"][str(batch)] = res
+        print(f"batch {batch}:")
+        for name in [k for k in res if k not in ("ratios", "active_experts_per_layer")]:
+            r = res[name]
+            print(f"  {name:16s} prefill {r['prefill_tok_s']:9.1f} tok/s   decode {r['decode_tok_s']:8.1f} tok/s "
+                  f"({r['decode_ms_per_step']:.1f} ms/step)")
+        act = res["active_experts_per_layer"]
+        print(f"  distinct experts per layer over the prompt: ours {act['moge']:.1f}, theirs {act['hf']:.1f} "
+              f"of {cfg.num_experts}")
+        print(f"  ours/theirs: prefill {res['ratios']['prefill']:.2f}x (vs {best_pf}), "
+              f"decode {res['ratios']['decode']:.2f}x (vs {best})")
+        for name in quantized:
+            print(f"  moge-{name}/moge (fp32): decode {res['ratios'][f'{name}_decode_vs_fp32']:.2f}x, "
+                  f"prefill {res['ratios'][f'{name}_prefill_vs_fp32']:.2f}x")
 
 
 if __name__ == "__main__":
