@@ -201,6 +201,13 @@ def _try_build() -> str | None:
         return f"no C++ compiler found (looked for {compiler!r} on PATH)"
     if not _SOURCE.is_file():
         return f"its source {_SOURCE.name} is missing from the installed package"
+    if shutil.which("ninja") is None:  # torch's builder calls `ninja` from PATH: use the pip package's
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            return "ninja is not installed (pip install ninja): torch builds C++ extensions with it"
     try:
         from torch.utils.cpp_extension import load
 
