@@ -159,6 +159,12 @@ def write_report(results: dict, variants: Sequence[Variant], seeds: Sequence[int
                 lines.append(f"| {n} | {tps[n]:.0f} (rounds {lo:.0f}-{hi:.0f}) | {rel} |")
 
     lines += ["", "## What the intervals allow", ""] + [f"- {c}" for c in conclusions]
+    if len(conclusions) > 1:
+        chance = 1 - 0.95 ** len(conclusions)
+        lines.append(f"- These are {len(conclusions)} intervals at 95% each: if no variant differed at all, at least "
+                     f"one of them would still exclude 0 by chance {chance:.0%} of the time (independent "
+                     f"intervals). One excluded 0 alone is weak evidence; a gap that holds at both token counts "
+                     f"and across more seeds is stronger.")
     if moe:
         lines.append("- Balance is not a statistical statement: MoGE's routing puts the same number of "
                      "token-expert assignments on every device in every batch by construction, which the "
@@ -224,18 +230,19 @@ def _plots(results: dict, names: list[str], seeds: Sequence[int], domains: list[
 
     pairs = [(a, b) for a, b in PAIRS if a in names and b in names]
     if pairs and eval_steps and len(seeds) > 1:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs), 3.6), sharey=True, squeeze=False)
         xs = [st * tps / 1e6 for st in eval_steps]
-        for a, b in pairs:
+        for ax, (a, b) in zip(axes[0], pairs):
             sums = [paired_table(results, seeds, a, b, st) for st in eval_steps]
-            ax.plot(xs, [s.mean for s in sums], "o-", ms=3, label=f"{a} - {b}", color=COLORS.get(b))
-            ax.fill_between(xs, [s.lo for s in sums], [s.hi for s in sums], alpha=0.12, color=COLORS.get(b))
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_xlabel("tokens (millions)")
-        ax.set_ylabel("difference in validation loss (nats/token)")
-        ax.set_title("paired differences over training (band: 95% t-interval)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            ax.plot(xs, [s.mean for s in sums], "o-", ms=3, color=COLORS.get(b))
+            ax.fill_between(xs, [s.lo for s in sums], [s.hi for s in sums], alpha=0.2, color=COLORS.get(b))
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_title(f"{a} - {b}", fontsize=9)
+            ax.set_xlabel("tokens (millions)")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("difference in validation loss (nats/token)")
+        fig.suptitle("paired differences over training: mean and 95% t-interval over seeds (below 0: MoGE lower)",
+                     fontsize=10)
         fig.tight_layout()
         paths.append(save_figure(fig, img / "compare-paired.png"))
 
