@@ -48,7 +48,7 @@ def profile_decode(preset: str, steps: int, prompt_len: int, threads: int, seed:
     cfg = PRESETS[preset]
     model = PanguProMoEForCausalLM(cfg).eval()
     prompt = torch.randint(3, cfg.vocab_size, (1, prompt_len))
-    cache = KVCache.allocate(cfg, 1, prompt_len + 2 * steps + 8, torch.float32, "cpu")
+    cache = KVCache.allocate(cfg, 1, prompt_len + 3 * steps + 16, torch.float32, "cpu")
     out = model(prompt, cache=cache, logits_slice=slice(-1, None))
     tok = out.logits[:, -1].argmax(-1).view(1, 1)
     for _ in range(steps // 4 + 2):  # warm-up steps
