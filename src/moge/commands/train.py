@@ -131,7 +131,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Trains every variant (moge, moge-local-aux, topk, topk-aux-free, deepseek, dense: equal "
                     "activated parameters, equal tokens) on --seeds seeds. A seed sets the initialisation and the "
                     "data order; at one seed every variant sees the same batches, so differences are paired per "
-                    "seed. Then writes the report (validation loss per domain with mean, std and 95%% t-interval, "
+                    "seed. Then writes the report (validation loss per domain with mean, std and 95% t-interval, "
                     "paired differences, device balance of the real routing at 16..4096 tokens per batch, a "
                     "dedicated interleaved throughput benchmark, PNG plots in img/ next to it) to --report. Runs "
                     "live in OUT/runs/<variant>/seed-<s>: a re-run reuses finished ones and resumes interrupted "
