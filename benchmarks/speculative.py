@@ -5,7 +5,7 @@ Needs a checkpoint trained with an MTP module, e.g.
     .venv/bin/moge train --model moge-tiny --mtp --mtp-weight 0.3 --steps 300 --eval-every 100 \\
         --save-every 100 --threads 1 --out runs/mtp/moge-mtp0.3
     .venv/bin/python benchmarks/speculative.py --ckpt runs/mtp/moge-mtp0.3/checkpoints/step-000300 \\
-        --baseline runs/compare/moge --threads 1
+        --baseline runs/compare/runs/moge/seed-0 --threads 1
 
 Prompts are the first `--prompt-len` tokens of validation windows of every domain of `--data`.
 For each prompt (batch 1, stop tokens off so every run makes `--new-tokens` tokens) it runs plain

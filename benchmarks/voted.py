@@ -111,7 +111,7 @@ def decode_speed(model, prompts, settings, new_tokens: int, reps: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="runs/compare/moge/checkpoints/step-000300")
+    p.add_argument("--model", default="runs/compare/runs/moge/seed-0/checkpoints/step-000300")
     p.add_argument("--data", default="data/corpus")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--val-windows", type=int, default=32, help="validation windows per domain")
