@@ -149,7 +149,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="rounds of the interleaved throughput benchmark after training (0 = skip it)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--json", action="store_true", help="print the results as JSON")
-    add_train_arguments(c, COMPARE_DEFAULTS)
+    # each variant sets its own model; the study runs in one process per run, not under torchrun
+    add_train_arguments(c, COMPARE_DEFAULTS, skip=("model", "init", "expert_parallel", "dist_timeout"))
     c.set_defaults(func=run_compare_cmd)
 
     a = sub.add_parser(
