@@ -235,8 +235,9 @@ KERNEL_MAX_ROWS = 64
 
 
 def _rows_per_matrix(row_expert: Tensor | None, rows: int) -> float:
-    """Mean rows per weight matrix of one call (rows of one expert are adjacent)."""
-    if row_expert is None or row_expert.numel() <= 1:
+    """Mean rows per weight matrix of one call (rows of one expert are adjacent). Below
+    KERNEL_MAX_ROWS rows in all the answer cannot reach it: decode pays no extra ops."""
+    if row_expert is None or row_expert.numel() <= 1 or rows < KERNEL_MAX_ROWS:
         return float(rows)
     runs = int((row_expert[1:] != row_expert[:-1]).sum()) + 1
     return rows / runs
