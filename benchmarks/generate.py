@@ -4,10 +4,13 @@ Both run in this one process, interleaved, fp32 on CPU: prefill tokens/s (one fo
 prompt, logits of the last position only) and decode tokens/s (a timed greedy generation of a
 fixed number of new tokens, minus the prefill), at batch 1 and batch 16. Rows `moge-int8` and
 `moge-int4` are the same model with weight-only int8 / int4 weights (moge.quant.weight_only,
-quantized in process, group size 32, symmetric), timed interleaved with the rest. Prints medians and
+quantized in process, group size 32, symmetric), timed interleaved with the rest; `--compile` adds
+rows `<row>-compiled`, the same models decoding with the compiled static-cache step
+(moge.inference.compiled; prefill stays eager, so only decode differs). Prints medians and
 ratios (ours / theirs, >1 means we are faster), writes `--out FILE.json`, and reports batch-1
 decode against the memory-bandwidth floor: the bytes of the activated weights each token must
-read (activated parameters minus the embedding table, fp32) over a bandwidth measured here.
+read (activated parameters minus the embedding table, fp32) over a bandwidth measured here
+(against `moge-compiled` when it runs).
 
     .venv/bin/pip install -e ".[bench]"
     .venv/bin/python benchmarks/generate.py --threads 2 --out generate.json
@@ -24,6 +27,7 @@ run (`--hf-experts`, via `config._experts_implementation`) and its fastest is th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -36,7 +40,8 @@ from moge.config import PRESETS, ModelConfig
 from moge.inference.generate import Sampling, generate
 from moge.inference.threads import ThreadTuner
 from moge.nn.model import KVCache, PanguProMoEForCausalLM
-from moge.quant.weight_only import quantize_weight_only, wo_kernel
+from moge.kernels import gemv
+from moge.quant.weight_only import quantize_weight_only
 
 QUANTIZED = {"int8": "int8-wo", "int4": "int4-wo"}
 
@@ -157,10 +162,11 @@ def prefill_theirs(model, ids: torch.Tensor) -> float:
 
 
 def generate_ours(model: PanguProMoEForCausalLM, ids: torch.Tensor, new_tokens: int,
-                  threads: ThreadTuner | None = None) -> float:
+                  threads: ThreadTuner | None = None, compile: bool = False) -> float:
     prompts = ids.tolist()
     t0 = time.perf_counter()
-    result = generate(model, prompts, max_new_tokens=new_tokens, sampling=Sampling(), stop_ids=[], threads=threads)
+    result = generate(model, prompts, max_new_tokens=new_tokens, sampling=Sampling(), stop_ids=[], threads=threads,
+                      compile=compile)
     elapsed = time.perf_counter() - t0
     assert all(len(t) == new_tokens for t in result.tokens)
     return elapsed
@@ -178,11 +184,14 @@ def generate_theirs(model, ids: torch.Tensor, new_tokens: int) -> float:
 
 
 def bench_batch(ours, theirs: dict, cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,
-                reps: int, seed: int, quantized: dict | None = None, tune: bool = True) -> dict:
+                reps: int, seed: int, quantized: dict | None = None, tune: bool = True, compiled: bool = False) -> dict:
     gen = torch.Generator().manual_seed(seed + batch)
     ids = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=gen)
     contenders = {"moge": (ours, prefill_ours, generate_ours)}
     contenders.update({f"moge-{name}": (m, prefill_ours, generate_ours) for name, m in (quantized or {}).items()})
+    if compiled:  # the same models decoding with the compiled static-cache step (the warm-up compiles)
+        compile_ours = functools.partial(generate_ours, compile=True)
+        contenders.update({f"{name}-compiled": (m, pf, compile_ours) for name, (m, pf, _) in list(contenders.items())})
     # ours pick their decode thread count by timing (as `moge generate --threads auto` does), up to
     # the benchmark's thread count; one tuner per model lives across the repetitions like a server's
     fixed = torch.get_num_threads()
@@ -233,6 +242,9 @@ def main() -> None:
                    help="transformers experts implementations to try (config._experts_implementation)")
     p.add_argument("--quantized", nargs="*", default=list(QUANTIZED), choices=list(QUANTIZED),
                    help="weight-only copies of our model to time as rows moge-<name>")
+    p.add_argument("--compile", action="store_true",
+                   help="add rows <ours>-compiled: each of our models decoding with the compiled static-cache step "
+                        "(generate(compile=True)); the warm-up run compiles")
     p.add_argument("--fixed-threads", action="store_true",
                    help="decode ours at exactly --threads (default: tuned by timing, at most --threads)")
     p.add_argument("--load", type=int, default=0,
@@ -260,8 +272,7 @@ def main() -> None:
                "machine": platform.machine(), "processor": platform.processor(),
                "params": {"moge_total": counts["total"], "moge_activated": counts["activated"], "hf_total": hf_params},
                "bandwidth": bandwidth, "active_weight_bytes_per_token": active_bytes, "batches": {}}
-    if quantized:
-        results["weight_only_kernel"] = wo_kernel()
+    results["gemv_kernel"] = gemv.kernel()
     print(f"{args.preset}: {counts['total'] / 1e6:.1f}M total / {counts['activated'] / 1e6:.1f}M activated "
           f"(transformers peer {hf_params / 1e6:.1f}M); threads={args.threads} of {os.cpu_count()} CPUs, "
           f"prompt {args.prompt_len}, "
@@ -278,11 +289,13 @@ def main() -> None:
     bandwidth = {k: max(v, again[k]) for k, v in bandwidth.items()}
     results["bandwidth"] = bandwidth
     if "1" in results["batches"]:
-        step_s = results["batches"]["1"]["moge"]["decode_ms_per_step"] / 1000
+        row = "moge-compiled" if args.compile else "moge"
+        step_s = results["batches"]["1"][row]["decode_ms_per_step"] / 1000
         floor_s = active_bytes / (bandwidth["read_gbs"] * 1e9)
-        results["bandwidth_floor"] = {"floor_ms_per_token": 1000 * floor_s, "fraction_of_floor": floor_s / step_s}
+        results["bandwidth_floor"] = {"floor_ms_per_token": 1000 * floor_s, "fraction_of_floor": floor_s / step_s,
+                                      "row": row}
         print(f"memory bandwidth: read {bandwidth['read_gbs']:.1f} GB/s, copy {bandwidth['copy_gbs']:.1f} GB/s")
-        print(f"batch-1 decode: {1000 * step_s:.1f} ms/token; floor {1000 * floor_s:.1f} ms/token "
+        print(f"batch-1 decode ({row}): {1000 * step_s:.1f} ms/token; floor {1000 * floor_s:.1f} ms/token "
               f"({active_bytes / 1e6:.0f} MB of activated weights at {bandwidth['read_gbs']:.1f} GB/s): "
               f"{100 * floor_s / step_s:.0f}% of the bandwidth floor")
     if args.out:
@@ -312,7 +325,7 @@ def start_load(n: int) -> list:
 def run_batches(args, cfg, ours, theirs, quantized, results) -> None:
     for batch in args.batches:
         res = bench_batch(ours, theirs, cfg, batch, args.prompt_len, args.new_tokens, args.reps, args.seed, quantized,
-                          tune=not args.fixed_threads)
+                          tune=not args.fixed_threads, compiled=args.compile)
         probe = torch.randint(3, cfg.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
         res["active_experts_per_layer"] = {"moge": active_experts(ours, probe, True),
                                            "hf": active_experts(next(iter(theirs.values())), probe, False)}
@@ -325,6 +338,14 @@ def run_batches(args, cfg, ours, theirs, quantized, results) -> None:
             res["ratios"][f"{name}_decode_vs_fp32"] = res[f"moge-{name}"]["decode_tok_s"] / res["moge"]["decode_tok_s"]
             res["ratios"][f"{name}_prefill_vs_fp32"] = (res[f"moge-{name}"]["prefill_tok_s"]
                                                         / res["moge"]["prefill_tok_s"])
+            if args.compile:  # both compiled
+                res["ratios"][f"{name}_compiled_decode_vs_fp32_compiled"] = (
+                    res[f"moge-{name}-compiled"]["decode_tok_s"] / res["moge-compiled"]["decode_tok_s"])
+        if args.compile:
+            res["ratios"]["compiled_decode_vs_eager"] = (res["moge-compiled"]["decode_tok_s"]
+                                                         / res["moge"]["decode_tok_s"])
+            res["ratios"]["compiled_decode_vs_theirs"] = (res["moge-compiled"]["decode_tok_s"]
+                                                          / res[best]["decode_tok_s"])
         results["batches"][str(batch)] = res
         print(f"batch {batch}:")
         for name in [k for k in res if k not in ("ratios", "active_experts_per_layer")]:
@@ -339,6 +360,12 @@ def run_batches(args, cfg, ours, theirs, quantized, results) -> None:
         for name in quantized:
             print(f"  moge-{name}/moge (fp32): decode {res['ratios'][f'{name}_decode_vs_fp32']:.2f}x, "
                   f"prefill {res['ratios'][f'{name}_prefill_vs_fp32']:.2f}x")
+            if args.compile:
+                print(f"  moge-{name}-compiled/moge-compiled: decode "
+                      f"{res['ratios'][f'{name}_compiled_decode_vs_fp32_compiled']:.2f}x")
+        if args.compile:
+            print(f"  moge-compiled/moge: decode {res['ratios']['compiled_decode_vs_eager']:.2f}x; "
+                  f"moge-compiled/theirs {res['ratios']['compiled_decode_vs_theirs']:.2f}x")
 
 
 if __name__ == "__main__":

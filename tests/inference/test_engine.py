@@ -306,3 +306,23 @@ def test_voted_experts_serve_and_equal_generate_for_a_lone_request():
     assert tokens["a"] == _alone(model, prompt, 6)
     tokens, reasons, _ = _drain(engine, {0: [Request(str(i), p, 5) for i, p in enumerate(_prompts([3, 8, 5]))]})
     assert set(reasons.values()) == {"length"} and all(len(t) == 5 for t in tokens.values())
+
+
+def test_decode_steps_run_through_the_thread_tuner_and_prefill_steps_do_not(model):
+    """The tuner times only decode-only steps (comparable work); requests still equal `generate`,
+    whichever thread count each step ran with, and the stats report the tuner's choice."""
+    from moge.inference.threads import ThreadTuner
+
+    counts: list[int] = []
+    clock = iter(range(10**6))
+    tuner = ThreadTuner(2, probe_steps=1, period=4, set_threads=counts.append, clock=lambda: float(next(clock)))
+    engine = Engine(model, EngineConfig(kv_blocks=64, block_size=4, max_running=4, step_tokens=8), threads=tuner)
+    prompts = _prompts([9, 5, 12])
+    schedule = {0: [Request("a", prompts[0], 6)], 3: [Request("b", prompts[1], 5), Request("c", prompts[2], 4)]}
+    tokens, _, steps = _drain(engine, schedule)
+    for rid, prompt, n in (("a", prompts[0], 6), ("b", prompts[1], 5), ("c", prompts[2], 4)):
+        assert tokens[rid] == _alone(model, prompt, n)
+    timed = sum(tuner.used.values())
+    assert 0 < timed < steps  # prompt chunks (at least 4 of the steps) were not timed
+    assert set(counts) <= {1, 2} and counts  # the tuner set thread counts
+    assert engine.stats().threads == tuner.choice

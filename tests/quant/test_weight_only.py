@@ -4,7 +4,6 @@ the torch fallback, bad input, and expert parallelism against one process."""
 
 import copy
 import json
-import warnings
 
 import pytest
 import torch
@@ -19,7 +18,8 @@ from moge.checkpoint.quantized import load_quantized, save_quantized
 from moge.errors import ConfigError
 from moge.inference.generate import Sampling, generate
 from moge.nn.experts import SwiGLUExperts
-from moge.quant import WOExperts, WOLinear, quantize_model, quantize_weight_only, set_wo_kernel
+from moge.kernels import gemv
+from moge.quant import WOExperts, WOLinear, quantize_model, quantize_weight_only
 from models import make_model, tiny_config
 
 # every quantized input dim (hidden 64, heads 4 x 16, experts 32, shared 64) a multiple of 32
@@ -30,9 +30,9 @@ SCHEME_IDS = ["int8", "int4-sym", "int4-asym"]
 
 @pytest.fixture(autouse=True)
 def _default_kernel():
-    set_wo_kernel("auto")
+    gemv.set_kernel("auto")
     yield
-    set_wo_kernel("auto")
+    gemv.set_kernel("auto")
 
 
 def _quantize(w, scheme, symmetric, group=32):
@@ -69,7 +69,7 @@ def test_kernel_equals_linear_of_the_dequantized_weights(rows, n, k_blocks, expe
     q, s, z, deq = _quantize(w, *scheme, group)
     x = torch.randn(rows, K, generator=gen)
     row_expert = torch.randint(0, experts, (rows,), generator=gen).sort().values.flip(0)  # runs, descending
-    set_wo_kernel(kernel)
+    gemv.set_kernel(kernel)
     got = wo.wo_matmul(x, q, s, z, row_expert)
     want = _reference(x, deq, row_expert)
     scale = want.abs().max().item() + 1.0
@@ -79,30 +79,14 @@ def test_kernel_equals_linear_of_the_dequantized_weights(rows, n, k_blocks, expe
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
 def test_kernel_path_and_torch_fallback_agree_and_the_cpp_kernel_is_used(scheme):
-    assert wo.wo_kernel() == "cpp"  # this machine has a compiler: the tests cover the C++ kernel
+    assert gemv.kernel() == "cpp"  # this machine has a compiler: the tests cover the C++ kernel
     w = torch.randn(3, 37, 96)
     q, s, z, _ = _quantize(w, *scheme)
     x = torch.randn(9, 96)
     ids = torch.tensor([2, 2, 0, 0, 0, 1, 1, 1, 1])
     got = wo.wo_matmul(x, q, s, z, ids)
-    set_wo_kernel("torch")
+    gemv.set_kernel("torch")
     assert torch.allclose(got, wo.wo_matmul(x, q, s, z, ids), rtol=1e-5, atol=1e-5)
-
-
-def test_a_failed_build_falls_back_to_torch_with_one_warning_naming_why(monkeypatch):
-    monkeypatch.setattr(wo, "_state", {})
-    monkeypatch.setattr(wo, "_try_build", lambda: "no C++ compiler found (looked for 'c++' on PATH)")
-    lin = WOLinear.from_linear(torch.nn.Linear(64, 5), "int4-wo")
-    x = torch.randn(3, 64)
-    with pytest.warns(RuntimeWarning, match=r"C\+\+ kernel is unavailable \(no C\+\+ compiler found"):
-        y = lin(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once only
-        lin(x)
-    assert torch.allclose(y, F.linear(x, lin.dequantized_weight(), lin.bias), atol=1e-5)
-    set_wo_kernel("cpp")
-    with pytest.raises(RuntimeError, match="C\\+\\+ kernel is unavailable: no C\\+\\+ compiler"):
-        lin(x)
 
 
 # ---- quantizers -----------------------------------------------------------------------------------
@@ -354,18 +338,3 @@ def test_cli_quantize_weight_only_then_generate(corpus_checkpoint, tmp_path, cap
     assert main([*base, "--out", str(tmp_path / "x"), "--group-size", "64"]) == 2
     assert "--group-size applies to --scheme int4-wo only" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-
-
-def test_a_build_error_is_reported_by_its_compiler_line(monkeypatch):
-    import torch.utils.cpp_extension as ext
-
-    def failing_load(**_kwargs):
-        raise RuntimeError("Error building extension 'moge_weight_only': [1/2] c++ -c weight_only.cpp\n"
-                           "FAILED: weight_only.o\nweight_only.cpp:3:10: fatal error: immintrin.h: No such file\n"
-                           "ninja: build stopped: subcommand failed.")
-
-    monkeypatch.setattr(ext, "load", failing_load)
-    assert wo._try_build() == ("building it failed: RuntimeError: weight_only.cpp:3:10: fatal error: immintrin.h: "
-                               "No such file")
-    monkeypatch.setenv("CXX", "no-such-compiler-here")
-    assert wo._try_build() == "no C++ compiler found (looked for 'no-such-compiler-here' on PATH)"

@@ -52,6 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--threads", type=_threads, default="auto",
                    help="torch CPU threads; auto (default) times decode steps at 1, 2, 4, ... threads up to the "
                         "usable cores, runs the fastest and re-checks as the machine's load changes")
+    g.add_argument("--compile", action="store_true",
+                   help="decode with one torch.compile'd step on a static KV cache (CUDA graphs on a GPU with "
+                        "bf16 weights): faster per token, after a one-off compile of seconds; pays for long "
+                        "generations (single process; not with --speculative)")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
     g.add_argument("--speculative", action="store_true",
                    help="speculative decoding with the checkpoint's MTP module (same output / distribution; "
@@ -209,6 +213,8 @@ def _generate(args: argparse.Namespace, parallel: str | None) -> int:
     from moge.inference.threads import decode_threads
 
     runner = decode_threads(args.threads)
+    if args.compile and (parallel is not None or args.speculative):
+        raise ConfigError("--compile runs plain single-process decoding: drop it for torchrun or --speculative")
     if not args.prompt and not args.token_ids:
         raise ConfigError("give at least one --prompt TEXT or --token-ids 1,2,3")
     model = _load(args, parallel)
@@ -249,7 +255,7 @@ def _generate(args: argparse.Namespace, parallel: str | None) -> int:
                                    agree_min=agree_min)
     else:
         res = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop,
-                       on_token=on_token, all_done=all_done,
+                       on_token=on_token, all_done=all_done, compile=args.compile,
                        threads=runner if next(model.parameters()).device.type == "cpu" else None)
     if quiet:
         return 0

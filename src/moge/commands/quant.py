@@ -140,7 +140,8 @@ def _run_weight_only(args: argparse.Namespace) -> int:
     from moge.checkpoint.quantized import save_quantized
     from moge.data.tokenizer_check import check_corpus_tokenizer
     from moge.quant import quantize_weight_only
-    from moge.quant.weight_only import DEFAULT_GROUP_SIZE, wo_kernel
+    from moge.kernels import gemv
+    from moge.quant.weight_only import DEFAULT_GROUP_SIZE
 
     if args.eval_windows < 0:
         raise ConfigError(f"--eval-windows={args.eval_windows} is invalid: give 0 (skip) or a positive integer")
@@ -160,7 +161,7 @@ def _run_weight_only(args: argparse.Namespace) -> int:
     result: dict = {"out": str(out), "scheme": args.scheme, "seconds": seconds,
                     "quantized_linear": len(names["linear"]), "quantized_experts": len(names["experts"]),
                     "weight_bytes_before": _bytes(model), "weight_bytes_after": _bytes(quantized),
-                    "kernel": wo_kernel()}
+                    "kernel": gemv.kernel()}
     if args.scheme == "int4-wo":
         result |= {"group_size": group, "symmetric": not args.asymmetric}
     if args.eval_windows:

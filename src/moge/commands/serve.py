@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+from moge.commands.model import _threads
 from moge.errors import ConfigError, DistributedError, MissingFileError
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -51,7 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--device", default="auto",
                    help="cpu, cuda or cuda:N; auto = the GPU (under torchrun: the local rank's) when CUDA is present, "
                         "else cpu")
-    m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    m.add_argument("--threads", type=_threads, default="auto",
+                   help="torch CPU threads; auto (default) times decode steps at 1, 2, 4, ... threads up to the "
+                        "usable cores, runs the fastest and re-checks as the machine's load changes "
+                        "(gauge moge_decode_threads)")
     m.add_argument("--parallel", choices=["ep", "h2p"], default="ep",
                    help="under torchrun: experts split over all ranks, or the H2P hybrid layout")
     m.add_argument("--attn-tp", type=int, default=1, help="--parallel h2p: attention tensor-parallel size")
@@ -74,7 +78,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-body-bytes={args.max_body_bytes} is invalid: must be a positive byte count")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port={args.port} is invalid: must be in 0..65535")
-    if args.threads:
+    if args.threads != "auto":
         torch.set_num_threads(args.threads)
     if not launched_by_torchrun():
         return _serve(args, _load(args, None), config, distributed=False)
@@ -116,7 +120,11 @@ def _serve(args: argparse.Namespace, model, config, *, distributed: bool) -> int
     except MissingFileError as e:
         tokenizer = None
         print(f"moge serve: warning: {e}; prompts must be token ids and chat is off", file=sys.stderr)
-    engine = Engine(model, config, distributed=distributed)
+    from moge.inference.threads import FixedThreads, decode_threads
+
+    # ranks of a distributed engine step together: one fixed count everywhere
+    threads = FixedThreads() if distributed else decode_threads(args.threads, next(model.parameters()).device)
+    engine = Engine(model, config, distributed=distributed, threads=threads)
     # the engine loop keeps the main thread, where the model was loaded (see EngineRunner)
     runner = EngineRunner(engine, keepalive_s=args.dist_timeout / 4 if distributed else None, own_thread=False)
     try:

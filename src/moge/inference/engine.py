@@ -25,6 +25,7 @@ from torch import Tensor
 
 from moge.errors import ConfigError, bad_value
 from moge.inference.generate import Sampling, sample_next, sampling_probs
+from moge.inference.threads import FixedThreads, ThreadTuner
 from moge.nn.model import PanguProMoEForCausalLM
 from moge.nn.paged import KVPool, PagedBatch, Span
 from moge.parallel.lockstep import share_from_rank0
@@ -91,6 +92,7 @@ class Stats:
     kv_blocks_used: int
     kv_blocks_total: int
     block_size: int
+    threads: int = 0  # the CPU threads decode steps run with now (chosen by the tuner, or fixed)
 
 
 class _Seq:
@@ -129,8 +131,12 @@ class Engine:
     """Continuous batching on one model (or on rank 0 of a parallel model; see the module doc)."""
 
     def __init__(self, model: PanguProMoEForCausalLM, config: EngineConfig = EngineConfig(), *,
-                 distributed: bool = False):
+                 distributed: bool = False, threads: ThreadTuner | FixedThreads | None = None):
+        """`threads` runs the decode-only steps (moge.inference.threads.decode_threads: tuned by timing
+        them, or fixed); steps with prompt chunks run at its current count, untimed (their cost
+        varies with the chunks, so they would mislead the timing)."""
         self.model, self.config, self.distributed = model, config, distributed
+        self.threads = threads or FixedThreads()
         self.cfg = model.config
         self.max_model_len = _check_config(config, self.cfg)
         self.device = next(model.parameters()).device
@@ -195,7 +201,7 @@ class Engine:
         with self._lock:
             return Stats(len(self._waiting) + len(self._inbox), len(self._running),
                          self.config.kv_blocks - len(self._free_blocks), self.config.kv_blocks,
-                         self.config.block_size)
+                         self.config.block_size, self.threads.choice)
 
     def has_work(self) -> bool:
         with self._lock:
@@ -220,7 +226,10 @@ class Engine:
             return outputs
         for seq, n in items:
             self._grow(seq, seq.computed + n)
-        outputs += self._run(items)
+        if all(n == 1 for _, n in items):  # decodes only: comparable steps, timed by the tuner
+            outputs += self.threads.run(lambda: self._run(items))
+        else:
+            outputs += self._run(items)
         return outputs
 
     def keepalive(self) -> None:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from moge.errors import ConfigError
 from moge.config import ModelConfig
+from moge.inference.compiled import compiled_decoder
 from moge.inference.threads import FixedThreads, ThreadTuner
 from moge.nn.model import KVCache, PanguProMoEForCausalLM
 
@@ -127,11 +128,15 @@ def generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]], *,
              sampling: Sampling = Sampling(), stop_ids: Sequence[int] | None = None,
              on_token: Callable[[int, int], None] | None = None,
              all_done: Callable[[bool], bool] | None = None,
-             threads: ThreadTuner | FixedThreads | None = None) -> GenerationResult:
+             threads: ThreadTuner | FixedThreads | None = None, compile: bool = False) -> GenerationResult:
     """Generate up to `max_new_tokens` for each prompt. `on_token(row, token_id)` streams tokens.
     A row stops at any of `stop_ids` (default: the config's eos_token_id). `threads` runs the
     decode steps (`moge.inference.threads.decode_threads`: tuned by timing, or fixed); default:
     torch's current thread count.
+
+    `compile` runs the decode steps as one torch.compile'd step on a static cache
+    (moge.inference.compiled): the first generation of a batch size compiles (seconds), later
+    steps and generations reuse it.
 
     `all_done(done) -> bool` decides when decoding ends, given whether this call's rows are all
     done (default: when they are). The ranks of a parallel model must step together: pass
@@ -145,10 +150,21 @@ def generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]], *,
     B = len(prompts)
     ids, mask = left_pad(prompts, cfg.pad_token_id or 0, device)
     padded = bool((mask == 0).any())
+    decoder = compiled_decoder(model) if compile else None
     # the attention modules' own heads: all of them, or this rank's after moge.parallel's H2P plan
     allocate = getattr(model, "allocate_cache", None)
-    cache = allocate(B, longest + max_new_tokens, dtype, device) if allocate is not None else \
-        KVCache.allocate(cfg, B, longest + max_new_tokens, dtype, device)
+    if decoder is not None:
+        cache = decoder.cache_for(B, longest + max_new_tokens, dtype, device)
+    elif allocate is not None:
+        cache = allocate(B, longest + max_new_tokens, dtype, device)
+    else:
+        cache = KVCache.allocate(cfg, B, longest + max_new_tokens, dtype, device)
+
+    def step(ids: Tensor) -> Tensor:
+        logits = decoder(ids.view(B, 1), cache) if decoder is not None else \
+            model(ids.view(B, 1), cache=cache).logits[:, -1]
+        return sample_next(logits, sampling, gen)
+
     gen = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     runner = threads or FixedThreads()
 
@@ -170,8 +186,7 @@ def generate(model: PanguProMoEForCausalLM, prompts: Sequence[Sequence[int]], *,
                 done[row] = True
         if (all_done or _local)(all(done)):
             break
-        next_ids = runner.run(lambda ids=next_ids: sample_next(model(ids.view(B, 1), cache=cache).logits[:, -1],
-                                                               sampling, gen))
+        next_ids = runner.run(lambda ids=next_ids: step(ids))
         steps += 1
     t2 = time.perf_counter()
     return GenerationResult(tokens, sum(len(p) for p in prompts), t1 - t0, t2 - t1, steps,

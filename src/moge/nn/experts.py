@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moge.errors import ConfigError
+from moge.kernels import gemv as _gemv
 from moge.nn.routing import expert_counts
 
 
@@ -91,20 +92,36 @@ FEW_ROWS = 128
 # moge-small preset: a batch-1 decode step 1.25x faster than without doubling; 0.25 MB (the k/v
 # projections) and 1 MB thresholds were both slower than this one.
 DOUBLE_ROW_MIN_WEIGHT = 128 * 1024
+GEMV_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def gemv_runs(x: Tensor, *weights: Tensor, rows: int) -> bool:
+    """Whether the C++ few-row kernel (moge.kernels.gemv) computes these products: CPU tensors,
+    float32/bfloat16 weights, at most its MAX_ROWS rows per matrix, no gradient needed (the kernel
+    has no backward), and the kernel built here. Under torch.compile it is an opaque op."""
+    return (x.device.type == "cpu" and 0 < rows <= _gemv.MAX_ROWS and all(w.dtype in GEMV_DTYPES for w in weights)
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
+            and _gemv.available())
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)`, arranged for the few-row products of decoding on CPU.
 
-    For a handful of rows MKL computes x @ weight.T on one core; weight @ x.T (the same sums, in
-    another order) splits the weight's rows over the threads and streams the weight 1.2-3x
-    faster. One row takes MKL's single-threaded matrix-vector path either way; for weights of
-    DOUBLE_ROW_MIN_WEIGHT elements and more it is doubled into two rows, which is faster still.
-    With one thread, on other devices, for many rows and under torch.compile (the compiler picks
-    its own kernels; reading the thread count would break the graph) this is plain F.linear."""
+    Up to the gemv kernel's MAX_ROWS rows, at inference, the C++ kernel streams the weight on
+    every thread (moge.kernels.gemv; eager and under torch.compile). Without it, MKL computes
+    x @ weight.T for a handful of rows on one core, while weight @ x.T (the same sums, in another
+    order) splits the weight's rows over the threads and streams it 1.2-3x faster; one row takes
+    MKL's single-threaded matrix-vector path either way, so for weights of DOUBLE_ROW_MIN_WEIGHT
+    elements and more it is doubled into two rows. With one thread, on other devices, for many
+    rows and under torch.compile without the kernel this is plain F.linear."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if gemv_runs(x, weight, rows=rows):
+        y = _gemv.gemv(x.reshape(rows, x.shape[-1]), weight)
+        if bias is not None:
+            y = y.add_(bias)
+        return y.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
     if torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.device.type != "cpu" or not 0 < rows <= FEW_ROWS or torch.get_num_threads() < 2:
         return F.linear(x, weight, bias)
     if rows == 1 and weight.numel() < DOUBLE_ROW_MIN_WEIGHT:
@@ -172,6 +189,11 @@ class SwiGLUExperts(nn.Module):
             return reference_experts(x_TD, experts_TK, weights_TK, self.gate_up_proj, self.down_proj)
         if x_TD.shape[0] == 0 and backend == "grouped_mm":  # an expert-parallel rank that received nothing
             return _no_rows(x_TD, self.gate_up_proj, self.down_proj)
+        # CPU without gradients, few rows per expert (decoding): the gemv kernel, one call per
+        # projection for all rows (eager and under torch.compile)
+        R = experts_TK.numel()
+        if chosen == "auto" and gemv_runs(x_TD, self.gate_up_proj, self.down_proj, rows=R // self.num_experts + 1):
+            return _gemv_experts(x_TD, experts_TK, weights_TK, self.gate_up_proj, self.down_proj)
         # eager CPU without gradients: rearranged kernels (same sums) that stream weights faster
         inference = x_TD.device.type == "cpu" and not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weights_TK, self.gate_up_proj,
@@ -353,6 +375,27 @@ def _grouped_mm_experts_weight_left(x_RD: Tensor, counts_E: Tensor, gate_up_E2FD
     # rows-major again, so the second product reads it as x.T like the first (MKL's fast layout)
     act_RF = (F.silu(h_2FR[:f]) * h_2FR[f:]).t().contiguous()
     return F.grouped_mm(down_EDF, act_RF.t(), offs=offs_E).t()
+
+
+def _gemv_experts(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, gate_up_E2FD: Tensor,
+                  down_EDF: Tensor) -> Tensor:
+    """The experts through the gemv kernel: each projection is one call over every token slot,
+    each row naming its expert. One token's K rows go in routing order (no sort); a batch's slots
+    are sorted by expert first, so each expert's weights stream once for all its rows."""
+    T, D = x_TD.shape
+    f = gate_up_E2FD.shape[1] // 2
+    if T == 1:
+        K = experts_TK.shape[1]
+        x_RD, expert_R = x_TD.float().expand(K, D), experts_TK[0]
+    else:
+        order_R = torch.argsort(experts_TK.reshape(-1), stable=True)
+        x_RD = x_TD.float().index_select(0, order_R // experts_TK.shape[1])
+        expert_R = experts_TK.reshape(-1).index_select(0, order_R)
+    h_R2F = _gemv.gemv(x_RD, gate_up_E2FD, None, expert_R.long())
+    out_RD = _gemv.gemv(F.silu(h_R2F[:, :f]) * h_R2F[:, f:], down_EDF, None, expert_R.long())
+    if T == 1:
+        return (weights_TK.float() @ out_RD).to(x_TD.dtype)
+    return combine(out_RD, order_R, weights_TK).to(x_TD.dtype)
 
 
 def _one_token_experts(x_1D: Tensor, experts: list[int], weights_K: Tensor, gate_up_E2FD: Tensor,

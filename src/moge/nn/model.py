@@ -158,6 +158,28 @@ class KVCache:
         self.length = length
 
 
+@dataclass
+class CacheSlot:
+    """One decode step into a KVCache at slot `slot_1` (a one-element tensor): the step's keys and
+    values go to that slot and its queries attend to the cache's whole preallocated length under
+    `mask_B11T` (the real tokens so far and the new one). Every step has the same shapes and no
+    Python number that changes, so torch.compile traces one graph for all of them (the static
+    cache of gpt-fast); `PanguProMoEForCausalLM.decode_step` builds it."""
+
+    cache: KVCache
+    slot_1: Tensor
+    mask_B11T: Tensor
+
+    def attend(self, layer: int, q_BHSd: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, mask: Tensor | None) -> Tensor:
+        # one index_put_ into the whole [L, B, H, T, d] tensor, not a write through the view
+        # k[layer]: torch.compile turns a view's in-place write into a copy of the whole cache
+        # (measured: 25 ms of a batch-16 step), and this one into an in-place scatter
+        at = (torch.tensor([layer], device=self.slot_1.device), slice(None), slice(None), self.slot_1)
+        self.cache.k[at] = k_BHSd.permute(2, 0, 1, 3).to(self.cache.k.dtype)
+        self.cache.v[at] = v_BHSd.permute(2, 0, 1, 3).to(self.cache.v.dtype)
+        return sdpa(q_BHSd, self.cache.k[layer], self.cache.v[layer], self.mask_B11T)
+
+
 def sdpa(q_BHSd: Tensor, k_BHCd: Tensor, v_BHCd: Tensor, mask: Tensor | None) -> Tensor:
     """Causal attention (GQA when the key heads are fewer): with `mask` when one is given, else plain
     causal for several queries, and unmasked for one."""
@@ -179,7 +201,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(h * hd, cfg.hidden_size, bias=bias)
 
     def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, layer: int,
-                cache: KVCache | PagedBatch | None) -> Tensor:
+                cache: KVCache | PagedBatch | CacheSlot | None) -> Tensor:
         B, S, _ = x_BSD.shape
         hd, h, kv = self.cfg.head_size, self.cfg.num_heads, self.cfg.num_kv_heads
         q = self.q_proj(x_BSD).view(B, S, h, hd).transpose(1, 2)
@@ -202,7 +224,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MoGEBlock(cfg.moe()) if cfg.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, layer: int,
-                cache: KVCache | PagedBatch | None) -> tuple[Tensor, RoutingResult | None]:
+                cache: KVCache | PagedBatch | CacheSlot | None) -> tuple[Tensor, RoutingResult | None]:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, layer, cache)
         if isinstance(self.mlp, MoGEBlock):
             out, routing = self.mlp(self.post_attention_layernorm(h), return_routing=True)
@@ -234,7 +256,7 @@ class MTPModule(DecoderLayer):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h: Tensor, emb: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, layer: int,
-                cache: KVCache | PagedBatch | None) -> tuple[Tensor, RoutingResult | None]:
+                cache: KVCache | PagedBatch | CacheSlot | None) -> tuple[Tensor, RoutingResult | None]:
         x = self.eh_proj(torch.cat([self.hnorm(h), self.enorm(emb)], dim=-1))
         return super().forward(x, cos, sin, mask, layer, cache)
 
@@ -272,7 +294,8 @@ class PanguProMoEForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: KVCache | PagedBatch | None = None,
+    def forward(self, input_ids: Tensor, *, positions: Tensor | None = None,
+                cache: KVCache | PagedBatch | CacheSlot | None = None,
                 attention_mask: Tensor | None = None, return_routing: bool = False,
                 logits_slice: slice | Tensor | None = None) -> ModelOutput:
         """input_ids [B, S]. `attention_mask` [B, S] (1 = token, 0 = left padding) is needed only for
@@ -302,7 +325,7 @@ class PanguProMoEForCausalLM(nn.Module):
         return ModelOutput(self._logits(h), routings if return_routing else None, h, pre_norm)
 
     def mtp_forward(self, hidden_BSD: Tensor, next_ids: Tensor, *, module: int = 0, positions: Tensor | None = None,
-                    cache: KVCache | PagedBatch | None = None, attention_mask: Tensor | None = None,
+                    cache: KVCache | PagedBatch | CacheSlot | None = None, attention_mask: Tensor | None = None,
                     return_routing: bool = False, logits_slice: slice | Tensor | None = None) -> ModelOutput:
         """Multi-token prediction: logits for token t+2 at every position t.
 
@@ -333,6 +356,21 @@ class PanguProMoEForCausalLM(nn.Module):
         if logits_slice is not None:
             h = h[:, logits_slice]
         return ModelOutput(self._logits(h), [routing] if return_routing else None, h, pre_norm)
+
+    def decode_step(self, input_ids_B1: Tensor, slot_1: Tensor, cache: KVCache) -> Tensor:
+        """Logits [B, V] of one new token per row, written to `cache` at slot `slot_1` (a one-element
+        long tensor, the cache's length), with the same shapes every step (`CacheSlot`): the step
+        that moge.inference.compiled compiles once for a whole generation. The same numbers as
+        `forward` with the cache, up to summation order: positions count each row's real tokens and
+        the mask admits them and the new token. The caller advances `cache.length` afterwards."""
+        B = input_ids_B1.shape[0]
+        valid_BT = cache.valid_BT
+        positions_B1 = valid_BT.sum(-1, keepdim=True)  # real tokens before this one
+        valid_BT.index_fill_(1, slot_1, True)
+        slots_T = torch.arange(cache.max_len, device=valid_BT.device)
+        mask_B11T = (valid_BT & (slots_T <= slot_1)).view(B, 1, 1, cache.max_len)
+        out = self(input_ids_B1, positions=positions_B1, cache=CacheSlot(cache, slot_1, mask_B11T))
+        return out.logits[:, -1]
 
     def _logits(self, h: Tensor) -> Tensor:
         """fp32 logits of the normed hidden states. An lm_head that makes them itself (`fp32_logits`:
@@ -412,13 +450,17 @@ class PanguProMoEForCausalLM(nn.Module):
         return {"total": total, "activated": total - inactive}
 
 
-def attention_inputs(cfg: ModelConfig, B: int, S: int, positions: Tensor | None, cache: KVCache | PagedBatch | None,
+def attention_inputs(cfg: ModelConfig, B: int, S: int, positions: Tensor | None,
+                     cache: KVCache | PagedBatch | CacheSlot | None,
                      attention_mask: Tensor | None, device) -> tuple[int, Tensor, Tensor | None, Tensor, Tensor]:
     """For S new tokens of B rows: (past length, valid_BT, SDPA mask, RoPE cos, sin), with clear
     errors when the sequence outgrows the context or the cache. Positions default to each row's
     count of real tokens, so left padding does not shift them. Nothing is read back from the
     device: whether a mask is needed follows from `attention_mask` being given now or before
     (recorded on a KVCache as `padded`)."""
+    if isinstance(cache, CacheSlot):  # a static-shape decode step: positions and mask come with it
+        cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta, cfg.max_position_embeddings)
+        return 0, None, cache.mask_B11T, cos, sin
     if isinstance(cache, PagedBatch):  # a flat batch of sequences: positions and masks come with it
         if B != 1 or S != cache.num_tokens:
             raise ConfigError(f"a PagedBatch of {cache.num_tokens} tokens needs input of shape "

@@ -21,12 +21,11 @@ from moge.quant.experts import QuantExperts
 from moge.quant.int8 import (QuantLinear, dequantize, int8_kernel, int8_linear, int8_mm, quantize_per_channel,
                              quantize_per_token, set_int8_kernel)
 from moge.quant.model import DEFAULT_ALPHA_GRID, QuantizationReport, is_quantized, quantize_model, weight_memory
-from moge.quant.weight_only import (WO_SCHEMES, WOExperts, WOLinear, quantize_weight_only, set_wo_kernel,
-                                    wo_kernel)
+from moge.quant.weight_only import WO_SCHEMES, WOExperts, WOLinear, quantize_weight_only
 
 __all__ = [
     "CalibrationSet", "balanced_calibration_set", "QuantExperts", "QuantLinear", "dequantize", "int8_linear",
     "int8_mm", "quantize_per_channel", "quantize_per_token", "int8_kernel", "set_int8_kernel", "DEFAULT_ALPHA_GRID",
     "QuantizationReport", "is_quantized", "quantize_model", "weight_memory", "WO_SCHEMES", "WOExperts", "WOLinear",
-    "quantize_weight_only", "set_wo_kernel", "wo_kernel",
+    "quantize_weight_only",
 ]

@@ -16,13 +16,12 @@ Schemes (the layout of each quantized [N, K] matrix, experts stacked as [E, N, K
   16-byte load unpacks into two vectors of 16 consecutive elements. G is a multiple of 32 that
   divides K.
 
-Kernel: a small C++ file (csrc/weight_only.cpp) compiled on first use with
-torch.utils.cpp_extension (cached per machine, -O3 -march=native; ~10 s of CPU), registered as
-`torch.ops.moge_wo`. It splits output channels over torch's intra-op threads, reads each weight
-row once for all input rows and, for experts, takes every row's expert id, so a token's K experts
-are one call. Where it cannot be built (no compiler, a build error) the same numbers come from a
-pure torch path (dequantize, then F.linear), after one warning that names the reason; tensors on
-an accelerator always take that path. `MOGE_WO_KERNEL=torch` (or `set_wo_kernel("torch")`) forces it.
+Kernel: moge.kernels.gemv, the C++ few-row kernel the float model decodes with too: it dequantizes
+in registers, splits output channels over torch's intra-op threads, reads each weight row once for
+all input rows and, for experts, takes every row's expert id, so a token's K experts are one call.
+Where it cannot be built, or from KERNEL_MAX_ROWS rows per matrix (prefill), or for tensors on an
+accelerator, the same numbers come from a pure torch path (dequantize, then F.linear).
+`MOGE_GEMV_KERNEL=torch` (or `moge.kernels.gemv.set_kernel("torch")`) forces that path.
 
 Why symmetric int4 is the default: on the trained tiny model both variants change validation
 perplexity by far less than 1% (symmetric -0.02%, asymmetric +0.11% at one checkpoint; +0.15% and
@@ -32,17 +31,12 @@ perplexity by far less than 1% (symmetric -0.02%, asymmetric +0.11% at one check
 
 from __future__ import annotations
 
-import os
-import shutil
-import threading
-import warnings
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moge.errors import ConfigError
+from moge.kernels import gemv as _gemv
 from moge.nn.experts import permute
 from moge.nn.moe import MoGEBlock
 from moge.quant.experts import QuantExperts
@@ -51,12 +45,6 @@ from moge.quant.int8 import MIN_SCALE, QuantLinear, quantize_per_channel
 WO_SCHEMES = ("int8-wo", "int4-wo")
 DEFAULT_GROUP_SIZE = 32
 INT4_BLOCK = 32  # packing block along K (see the module docstring)
-KERNELS = ("auto", "cpp", "torch")
-_SOURCE = Path(__file__).with_name("csrc") / "weight_only.cpp"
-
-_kernel_choice = os.environ.get("MOGE_WO_KERNEL", "auto")
-_lock = threading.Lock()
-_state: dict[str, object] = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,102 +133,20 @@ def dequantize_int4_wo(packed: Tensor, scale: Tensor, zero: Tensor | None = None
 # ---------------------------------------------------------------------------------------------
 
 
-def set_wo_kernel(kernel: str) -> None:
-    """auto (the C++ kernel where it builds, else torch), cpp (the C++ kernel or an error), torch."""
-    global _kernel_choice
-    if kernel not in KERNELS:
-        raise ConfigError(f"weight-only kernel={kernel!r} is invalid: choose one of {KERNELS}")
-    _kernel_choice = kernel
-    _state.pop("use_cpp", None)
-
-
-def wo_kernel() -> str:
-    """The kernel the weight-only layers use on CPU now: cpp or torch (builds the C++ one if needed)."""
-    if _kernel_choice not in KERNELS:
-        raise ConfigError(f"MOGE_WO_KERNEL={_kernel_choice!r} is invalid: choose one of {KERNELS}")
-    if _kernel_choice == "torch":
-        return "torch"
-    reason = _build()
-    if reason is None:
-        _state["use_cpp"] = _kernel_choice != "torch"
-        return "cpp"
-    if _kernel_choice == "cpp":
-        raise RuntimeError(f"the weight-only C++ kernel is unavailable: {reason}")
-    if not _state.get("warned"):
-        _state["warned"] = True
-        warnings.warn(f"moge weight-only quantization: the C++ kernel is unavailable ({reason}); using the "
-                      f"slower torch dequantize + matmul path", RuntimeWarning, stacklevel=3)
-    return "torch"
-
-
-def _build() -> str | None:
-    """Compile and load the C++ kernel once per process (cached on disk); None or why it failed."""
-    if "reason" in _state:
-        return _state["reason"]  # type: ignore[return-value]
-    with _lock:
-        if "reason" not in _state:
-            _state["reason"] = _try_build()
-    return _state["reason"]  # type: ignore[return-value]
-
-
-def _cpu_tag() -> str:
-    import hashlib
-    import platform
-
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
-    except OSError:
-        lines = [platform.processor(), platform.machine()]
-    return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:10]
-
-
-def _try_build() -> str | None:
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler found (looked for {compiler!r} on PATH)"
-    if not _SOURCE.is_file():
-        return f"its source {_SOURCE.name} is missing from the installed package"
-    if shutil.which("ninja") is None:  # torch's builder calls `ninja` from PATH: use the pip package's
-        try:
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            return "ninja is not installed (pip install ninja): torch builds C++ extensions with it"
-    try:
-        from torch.utils.cpp_extension import load
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # -march=native code must not be reused by another CPU sharing the build cache: the
-            # extension's name carries a hash of this CPU's model and instruction-set flags
-            load(name=f"moge_weight_only_{_cpu_tag()}", sources=[str(_SOURCE)], extra_cflags=["-O3", "-march=native"],
-                 is_python_module=False, verbose=False)
-        torch.ops.moge_wo.int8_gemm  # noqa: B018 (raises if the library did not register)
-    except Exception as e:  # noqa: BLE001 (any build failure falls back, with its reason)
-        lines = [ln.strip() for ln in str(e).strip().splitlines()]
-        errors = [ln for ln in lines if "error:" in ln.lower()]  # the compiler's own message
-        detail = (errors or lines or [""])[-1 if not errors else 0]
-        return f"building it failed: {type(e).__name__}: {detail}"[:500]
-    return None
-
-
-_NO_IDS = torch.empty(0, dtype=torch.long)
 # From about 64 rows per matrix (prefill) the GEMV kernel, which re-reads the input for every
 # weight row, is 1.2-1.6x slower than dequantizing once and calling the float GEMM (measured on
 # an AVX-512 EPYC, 1 thread); below it the kernel wins 1.4-5x. So large row counts take the
 # dequantize path.
-KERNEL_MAX_ROWS = 64
+KERNEL_MAX_ROWS = _gemv.MAX_ROWS
 
 
-def _rows_per_matrix(row_expert: Tensor | None, rows: int) -> float:
-    """Mean rows per weight matrix of one call (rows of one expert are adjacent). Below
-    KERNEL_MAX_ROWS rows in all the answer cannot reach it: decode pays no extra ops."""
-    if row_expert is None or row_expert.numel() <= 1 or rows < KERNEL_MAX_ROWS:
+def _rows_per_matrix(row_expert: Tensor | None, rows: int, num_matrices: int) -> float:
+    """Mean rows per weight matrix of one call, if the rows spread over the matrices evenly (as a
+    balanced router spreads them): known from shapes alone, so nothing is read from the tensors
+    (no host sync, no graph break under torch.compile)."""
+    if row_expert is None or rows == 0:
         return float(rows)
-    runs = int((row_expert[1:] != row_expert[:-1]).sum()) + 1
-    return rows / runs
+    return rows / min(rows, num_matrices)
 
 
 def _segments(row_expert: Tensor | None, rows: int) -> list[tuple[int, int, int]]:
@@ -264,12 +170,11 @@ def wo_matmul(x_RK: Tensor, weight: Tensor, scale: Tensor, zero: Tensor | None =
     every row uses expert 0 (a plain linear)."""
     x = x_RK if x_RK.dtype == torch.float32 else x_RK.float()
     int4 = weight.dtype == torch.uint8
-    if x.device.type == "cpu" and (_state.get("use_cpp") or wo_kernel() == "cpp") and \
-            _rows_per_matrix(row_expert, x.shape[0]) < KERNEL_MAX_ROWS:
-        ids = _NO_IDS if row_expert is None else row_expert
-        if int4:
-            return torch.ops.moge_wo.int4_gemm(x, weight, scale, zero, ids, x.shape[1] // scale.shape[-1])
-        return torch.ops.moge_wo.int8_gemm(x, weight, scale, ids)
+    matrices = weight.shape[0] if weight.dim() == 3 else 1
+    if x.device.type == "cpu" and _rows_per_matrix(row_expert, x.shape[0], matrices) < KERNEL_MAX_ROWS and \
+            _gemv.available():
+        return _gemv.gemv(x, weight, scale, row_expert, zero=zero,
+                          group_size=x.shape[1] // scale.shape[-1] if int4 else 0)
     if weight.dim() == 2:  # one matrix: expert 0 of a stack
         weight, scale = weight.unsqueeze(0), scale.unsqueeze(0)
         zero = None if zero is None else zero.unsqueeze(0)

@@ -28,6 +28,8 @@ class _EngineGauges(Collector):
         yield GaugeMetricFamily("moge_num_requests_running", "Requests in the running batch", value=s.running)
         yield GaugeMetricFamily("moge_kv_blocks_used", "KV cache blocks in use", value=s.kv_blocks_used)
         yield GaugeMetricFamily("moge_kv_blocks_total", "KV cache blocks in the pool", value=s.kv_blocks_total)
+        yield GaugeMetricFamily("moge_decode_threads", "CPU threads the decode steps run with (tuned or fixed)",
+                                value=s.threads)
 
 
 class ServerMetrics:
