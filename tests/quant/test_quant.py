@@ -25,7 +25,7 @@ from models import make_model, tiny_config
 TINY = tiny_config()
 
 
-@pytest.fixture(params=["int32", "int_mm"])
+@pytest.fixture(params=["int32", "int_mm", "gemv"])
 def kernel(request):
     set_int8_kernel(request.param)
     yield request.param
@@ -41,7 +41,7 @@ def test_int8_mm_is_exact(M, K, N, seed):
     a = torch.randint(-127, 128, (M, K), generator=gen, dtype=torch.int8)
     b = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
     want = a.long() @ b.long().t()
-    for k in ("int32", "int_mm"):
+    for k in ("int32", "int_mm", "gemv"):
         set_int8_kernel(k)
         got = int8_mm(a, b)
         assert got.dtype == torch.int32 and torch.equal(got.long(), want)
@@ -69,7 +69,7 @@ def test_int8_mm_bad_inputs():
         int8_mm(a, torch.zeros(3, 5, dtype=torch.int8))
     with pytest.raises(ValueError, match="kernel='fast' is invalid"):
         set_int8_kernel("fast")
-    assert int8_kernel() in ("int32", "int_mm")
+    assert int8_kernel() in ("int32", "int_mm", "gemv+int_mm", "gemv+int32")
 
 
 # ---- quantization --------------------------------------------------------------------------------

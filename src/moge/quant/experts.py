@@ -7,6 +7,8 @@ runs each expert that received tokens: its rows of the per-token quantized input
 for all experts), an integer gate/up product, SwiGLU in fp32, per-token quantization of the
 activation, an integer down product, then the routing weight and a deterministic index_add. One
 token (decoding a single sequence) skips the permutation and quantizes its K activations at once.
+With few rows per expert (decoding) on a CPU where moge.quant.int8 picks the gemv kernel, there is
+no loop: each projection is one integer kernel call over every row, each naming its expert.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moge.nn.experts import SwiGLUExperts, permute
-from moge.quant.int8 import dequantize, int8_linear, int8_mm, quantize_per_channel, quantize_per_token
+from moge.kernels import gemv as _gemv
+from moge.nn.experts import SwiGLUExperts, combine, permute
+from moge.quant.int8 import dequantize, int8_kernel, int8_linear, int8_mm, quantize_per_channel, quantize_per_token
 
 
 class QuantExperts(nn.Module):
@@ -55,6 +58,9 @@ class QuantExperts(nn.Module):
         del backend  # one kernel; the argument keeps the SwiGLUExperts signature
         T, D = x_TD.shape
         qx, sx = quantize_per_token(x_TD)
+        R = experts_TK.numel()
+        if x_TD.device.type == "cpu" and int8_kernel(R / min(R, self.num_experts)) == "gemv":
+            return self._all_experts_at_once(qx, sx, experts_TK, weights_TK).to(x_TD.dtype)
         if T == 1:  # decoding one sequence: its K experts straight from the row, no permutation
             experts = experts_TK[0].tolist()
             f = self.intermediate_size
@@ -77,6 +83,28 @@ class QuantExperts(nn.Module):
             y_TD.index_add_(0, tokens, out.mul_(w_R[rows, None]))
             start += n
         return y_TD.to(x_TD.dtype)
+
+    def _all_experts_at_once(self, qx_TD: Tensor, sx_T: Tensor, experts_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """Every token slot in one integer call per projection (the gemv kernel's expert ids): one
+        token's K rows in routing order, a batch's slots sorted by expert. Same integer sums and
+        scaling as the loop."""
+        T, K = experts_TK.shape
+        f = self.intermediate_size
+        if T == 1:
+            expert_R, q_RD, s_R = experts_TK[0].long(), qx_TD.expand(K, -1), sx_T.expand(K)
+        else:
+            order_R = torch.argsort(experts_TK.reshape(-1), stable=True)
+            token_R = order_R // K
+            expert_R = experts_TK.reshape(-1).index_select(0, order_R).long()
+            q_RD, s_R = qx_TD.index_select(0, token_R), sx_T.index_select(0, token_R)
+        h_R2F = _gemv.int8_gemv(q_RD, self.gate_up_proj, expert_R).float()
+        h_R2F.mul_(s_R.unsqueeze(-1)).mul_(self.gate_up_scale.index_select(0, expert_R))
+        qa, sa = quantize_per_token(F.silu(h_R2F[:, :f]) * h_R2F[:, f:])
+        out_RD = _gemv.int8_gemv(qa, self.down_proj, expert_R).float()
+        out_RD.mul_(sa.unsqueeze(-1)).mul_(self.down_scale.index_select(0, expert_R))
+        if T == 1:
+            return weights_TK.float() @ out_RD
+        return combine(out_RD, order_R, weights_TK.float())
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "

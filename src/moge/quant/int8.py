@@ -8,7 +8,11 @@ The product of two quantized operands is computed in integers, then dequantized 
 
     y[m, n] = (sum_k qx[m, k] * qw[n, k]) * sx[m] * sw[n] (+ bias[n])
 
-Two exact integer kernels compute the int32 sum (`int8_mm`); they give identical results:
+Three exact integer kernels compute the int32 sum (`int8_mm`); they give identical results:
+- `gemv`: moge.kernels.gemv's int8 kernel (AVX-512 VNNI, every thread, a stack of matrices with
+  one expert id per row, so a layer's routed experts are one call). As fast as `int_mm` up to
+  about 16 rows per matrix and 2x slower from 64 (measured in docs/benchmarks.md), so `auto` uses
+  it for at most GEMV_MAX_ROWS rows per matrix, on CPUs with VNNI where it builds.
 - `int_mm`: `torch._int_mm` (int8 x int8 -> int32). Constraints in torch 2.13: on CPU none (any
   M, K, N >= 0, any strides); on CUDA M > 16 and K, N multiples of 8, so `int8_mm` pads with
   zeros there (exact: zeros add nothing). On CPU it is fast only where oneDNN's int8 path applies
@@ -16,9 +20,10 @@ Two exact integer kernels compute the int32 sum (`int8_mm`); they give identical
   (measured in docs/benchmarks.md).
 - `int32`: the int8 operands widened to int32 and multiplied with torch.mm (integer arithmetic,
   exact while K * 127 * 127 < 2**31, i.e. K < 133,000). Weights stay int8 in memory.
-`auto` (the default) picks `int_mm` on CUDA and on CPUs whose flags show avx512_vnni, avx_vnni or
-amx_int8, `int32` elsewhere; `set_int8_kernel` or the MOGE_INT8_KERNEL environment variable
-override it. Neither beats an fp32 SGEMM on an AVX2-only CPU: see docs/benchmarks.md.
+`auto` (the default) picks `gemv` for few rows as above, otherwise `int_mm` on CUDA and on CPUs
+whose flags show avx512_vnni, avx_vnni or amx_int8, `int32` elsewhere; `set_int8_kernel` or the
+MOGE_INT8_KERNEL environment variable override it, and `int8_kernel()` names what runs. Neither
+`int_mm` nor `int32` beats an fp32 SGEMM on an AVX2-only CPU: see docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moge.kernels import gemv as _gemv
 
 QMAX = 127
 # The smallest scale: a row of zeros quantizes to zeros with this scale (no division by zero).
@@ -82,6 +89,8 @@ def int8_mm(a_MK: Tensor, b_NK: Tensor) -> Tensor:
                          f"(both must be [*, K])")
     if a_MK.device.type == "cuda":
         return _int_mm_padded(a_MK, b_NK)
+    if int8_kernel(a_MK.shape[0]) == "gemv":
+        return _gemv.int8_gemv(a_MK, b_NK)
     # K = 1 (an outer product) goes to the int32 kernel whatever is chosen: torch 2.13's _int_mm on
     # AVX512-VNNI CPUs returns uninitialised memory for a contiguous [M, 1] operand (strides (1, 1)).
     if int8_kernel() == "int32" or a_MK.shape[1] == 1:
@@ -89,7 +98,8 @@ def int8_mm(a_MK: Tensor, b_NK: Tensor) -> Tensor:
     return torch._int_mm(a_MK, b_NK.t())
 
 
-KERNELS = ("auto", "int_mm", "int32")
+KERNELS = ("auto", "gemv", "int_mm", "int32")
+GEMV_MAX_ROWS = 16  # rows per weight matrix up to which `auto` takes the gemv kernel
 _kernel = os.environ.get("MOGE_INT8_KERNEL", "auto")
 
 
@@ -101,13 +111,24 @@ def set_int8_kernel(kernel: str) -> None:
     _kernel = kernel
 
 
-def int8_kernel() -> str:
-    """The CPU kernel `int8_mm` uses now: int_mm or int32."""
+def int8_kernel(rows: float | None = None) -> str:
+    """The CPU kernel `int8_mm` uses for `rows` rows per weight matrix: gemv, int_mm or int32.
+    Without `rows`, what `auto` resolves to, for reports: "gemv+int_mm" means gemv up to
+    GEMV_MAX_ROWS rows per matrix and int_mm beyond."""
     if _kernel not in KERNELS:
         raise ValueError(f"MOGE_INT8_KERNEL={_kernel!r} is invalid: choose one of {KERNELS}")
+    if _kernel == "gemv":
+        if not _gemv.available():
+            raise RuntimeError(f"int8 kernel 'gemv' is unavailable: {_gemv._build()}")
+        return "gemv"
     if _kernel != "auto":
         return _kernel
-    return "int_mm" if _cpu_has_int8_dot() else "int32"
+    large = "int_mm" if _cpu_has_int8_dot() else "int32"
+    if not (_gemv.available() and _gemv.vnni()):
+        return large
+    if rows is None:
+        return f"gemv+{large}"
+    return "gemv" if rows <= GEMV_MAX_ROWS else large
 
 
 @functools.cache
