@@ -113,3 +113,20 @@ def test_generate_command_compile_flag(tmp_path, capsys, model):
     assert compiled["completions"] == eager["completions"]
     assert main([*args, "--compile", "--speculative"]) == 2
     assert "--compile runs plain single-process decoding" in capsys.readouterr().err
+
+
+def test_a_thread_tuner_switching_counts_mid_generation_gives_the_same_tokens(model):
+    """The thread count is part of a compiled CPU graph: a tuner probing 1 and 2 threads makes the
+    decoder compile per count (never reuse a graph across counts) and the tokens stay eager's."""
+    from moge.inference.threads import ThreadTuner
+
+    prompts = [[3, 4, 5, 6, 7, 8]]
+    want = generate(model, prompts, max_new_tokens=24, stop_ids=[])
+    threads = torch.get_num_threads()
+    try:
+        tuner = ThreadTuner(2, probe_steps=1, period=3)
+        got = generate(model, prompts, max_new_tokens=24, stop_ids=[], compile=True, threads=tuner)
+    finally:
+        torch.set_num_threads(threads)
+    assert got.tokens == want.tokens
+    assert set(tuner.used) == {1, 2} and tuner.probes > 2

@@ -8,8 +8,9 @@ preallocated to a bucketed length and kept by the decoder across generations, th
 slot passed as a tensor, attention over the whole cache under a mask
 (`PanguProMoEForCausalLM.decode_step`). Prefill stays eager (its length varies per prompt).
 
-The first step of each (batch size, cache length) compiles, in seconds (measured below); every
-later step and generation with those shapes reuses the graph. So compile pays for long or repeated
+The first step of each (batch size, cache length, CPU thread count) compiles, in seconds; every
+later step and generation with those reuses the graph. With `--threads auto` the tuner tries 1, 2,
+... threads, so a CPU generation compiles once per count it tries. So compile pays for long or repeated
 generation, not for a one-off handful of tokens, and it is opt-in (`moge generate --compile`,
 `generate(..., compile=True)`). On CUDA with bfloat16 weights it also captures the step as a CUDA
 graph (mode="reduce-overhead"), which removes the launch of each small kernel: measured on an H200,
@@ -18,6 +19,7 @@ moge-small's batch-1 step went from 10.5 ms eager to 1.0 ms (docs/benchmarks.md)
 
 from __future__ import annotations
 
+import types
 import weakref
 
 import torch
@@ -46,9 +48,13 @@ class CompiledDecoder:
             dtype = next(model.parameters()).dtype
             mode = "reduce-overhead" if device.type == "cuda" and dtype == torch.bfloat16 else "default"
         self.mode = mode
-        self._step = torch.compile(_decode_step, dynamic=False, mode=mode)
+        # torch.compile keeps its graphs per code object, at most recompile_limit (8) of them: a
+        # copy of the step's code per decoder gives each model its own budget of graphs
+        step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, "_decode_step")
+        self._step = torch.compile(step, dynamic=False, mode=mode)
         self._caches: dict[tuple, KVCache] = {}
-        self._checked: set[int] = set()  # caches whose generation has run a step with every guard checked
+        # (cache, thread count) pairs whose generation has run a step with every guard checked
+        self._checked: set[tuple[int, int]] = set()
 
     def cache_for(self, batch: int, length: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
         """An empty KV cache of at least `length` slots for `batch` rows (bucketed, reused)."""
@@ -68,22 +74,29 @@ class CompiledDecoder:
         else:
             cache.valid_BT.zero_()
             cache.length, cache.padded = 0, False
-        self._checked.discard(id(cache))
+        self._checked = {c for c in self._checked if c[0] != id(cache)}
         return cache
 
     def __call__(self, input_ids_B1: Tensor, cache: KVCache) -> Tensor:
         if cache.length >= cache.max_len:
             raise ConfigError(f"sequence length {cache.length + 1} exceeds the KV cache size {cache.max_len}")
         slot_1 = torch.tensor([cache.length], device=input_ids_B1.device)
-        if id(cache) in self._checked:
-            # Later steps of a generation: same model, same cache, same shapes as the first, whose
+        key = (id(cache), torch.get_num_threads())  # the thread count is part of a CPU graph
+        model = self._model()
+        logits = None
+        if key in self._checked:
+            # Later steps of a generation: same model, cache, shapes and thread count as a step whose
             # guards all passed. Checking them again (every parameter's metadata) cost 0.5 ms of a
             # 6 ms int4 step on 2 CPU threads; only the guards that tell compiled graphs apart run.
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                logits = self._step(self._model(), input_ids_B1, slot_1, cache)
-        else:
-            logits = self._step(self._model(), input_ids_B1, slot_1, cache)
-            self._checked.add(id(cache))
+            try:
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    logits = self._step(model, input_ids_B1, slot_1, cache)
+            except RuntimeError as e:  # it wanted to compile after all: run it with every guard
+                if "skip_guard_eval_unsafe" not in str(e):
+                    raise
+        if logits is None:
+            logits = self._step(model, input_ids_B1, slot_1, cache)
+            self._checked.add(key)
         cache.length += 1
         if cache.k.device.type == "cuda":  # the graph's output buffer is reused by the next replay
             logits = logits.clone()
