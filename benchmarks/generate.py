@@ -4,7 +4,8 @@ Both run in this one process, interleaved, fp32 on CPU: prefill tokens/s (one fo
 prompt, logits of the last position only) and decode tokens/s (a timed greedy generation of a
 fixed number of new tokens, minus the prefill), at batch 1 and batch 16. Rows `moge-int8` and
 `moge-int4` are the same model with weight-only int8 / int4 weights (moge.quant.weight_only,
-quantized in process, group size 32, symmetric), timed interleaved with the rest; `--compile` adds
+quantized in process, group size 32, symmetric), `moge-w8a8` with W8A8 (moge.quant, without
+calibration), all timed interleaved with the rest; `--compile` adds
 rows `<row>-compiled`, the same models decoding with the compiled static-cache step
 (moge.inference.compiled; prefill stays eager, so only decode differs). Prints medians and
 ratios (ours / theirs, >1 means we are faster), writes `--out FILE.json`, and reports batch-1
@@ -41,9 +42,10 @@ from moge.inference.generate import Sampling, generate
 from moge.inference.threads import ThreadTuner
 from moge.nn.model import KVCache, PanguProMoEForCausalLM
 from moge.kernels import gemv
+from moge.quant import int8_kernel, quantize_model
 from moge.quant.weight_only import quantize_weight_only
 
-QUANTIZED = {"int8": "int8-wo", "int4": "int4-wo"}
+QUANTIZED = {"int8": "int8-wo", "int4": "int4-wo", "w8a8": "w8a8"}
 
 
 def build_ours(cfg: ModelConfig, seed: int) -> PanguProMoEForCausalLM:
@@ -52,11 +54,14 @@ def build_ours(cfg: ModelConfig, seed: int) -> PanguProMoEForCausalLM:
 
 
 def build_quantized(ours: PanguProMoEForCausalLM, name: str) -> PanguProMoEForCausalLM:
-    """A weight-only copy of our model (`name`: int8 or int4), round-to-nearest."""
+    """A quantized copy of our model, round-to-nearest: weight-only int8 or int4, or W8A8."""
     import copy
 
     model = copy.deepcopy(ours)
-    quantize_weight_only(model, QUANTIZED[name])
+    if QUANTIZED[name] == "w8a8":  # without calibration data: plain per-token/per-channel int8
+        quantize_model(model)
+    else:
+        quantize_weight_only(model, QUANTIZED[name])
     return model.eval()
 
 
@@ -273,6 +278,7 @@ def main() -> None:
                "params": {"moge_total": counts["total"], "moge_activated": counts["activated"], "hf_total": hf_params},
                "bandwidth": bandwidth, "active_weight_bytes_per_token": active_bytes, "batches": {}}
     results["gemv_kernel"] = gemv.kernel()
+    results["int8_kernel"] = int8_kernel()
     print(f"{args.preset}: {counts['total'] / 1e6:.1f}M total / {counts['activated'] / 1e6:.1f}M activated "
           f"(transformers peer {hf_params / 1e6:.1f}M); threads={args.threads} of {os.cpu_count()} CPUs, "
           f"prompt {args.prompt_len}, "
