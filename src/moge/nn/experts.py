@@ -22,6 +22,11 @@ Host syncs (a device -> host copy stalls an accelerator's queue and breaks a tor
   reference   none (every expert on every token).
   `auto` therefore picks grouped_mm on accelerators and whenever torch.compile is tracing; the
   eager CPU shortcut for one token (its expert ids as a Python list) is skipped under compile.
+
+Decoding on CPU (no gradient, few rows per expert): `auto` runs the experts through the C++ gemv
+kernel (moge.kernels.gemv) instead, one call per projection for every row, each naming its expert;
+it syncs nothing and is one opaque op under torch.compile. The paths above remain for training,
+large batches, other devices and machines where the kernel cannot be built.
 """
 
 from __future__ import annotations
