@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moge.errors import ConfigError
 from moge.inference.compiled import CACHE_BUCKET, CompiledDecoder, compiled_decoder
@@ -37,6 +39,31 @@ def test_decode_step_equals_the_cached_forward_with_padding(model):
         got = model.decode_step(nxt, torch.tensor([caches[1].length]), caches[1])
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
     assert bool(caches[1].valid_BT[:, 7].all()) and not bool(caches[1].valid_BT[1, :3].any())
+
+
+@settings(max_examples=15, deadline=None)
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4), steps=st.integers(1, 6),
+       seed=st.integers(0, 2**16))
+def test_static_steps_equal_cached_forward_steps(model, lengths, steps, seed):
+    """Any left-padded batch, any number of steps: decode_step's logits equal forward's, step by
+    step, on caches filled by the same prefill (eager: the property of the step, not the compiler)."""
+    gen = torch.Generator().manual_seed(seed)
+    B, longest = len(lengths), max(lengths)
+    ids = torch.randint(3, 61, (B, longest), generator=gen)
+    mask = torch.zeros(B, longest, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, longest - n:] = 1
+    padded = mask if bool((mask == 0).any()) else None
+    with torch.inference_mode():
+        caches = [KVCache.allocate(CFG, B, longest + steps, torch.float32) for _ in range(2)]
+        for c in caches:
+            model(ids, cache=c, attention_mask=padded)
+        for _ in range(steps):
+            nxt = torch.randint(3, 61, (B, 1), generator=gen)
+            want = model(nxt, cache=caches[0]).logits[:, -1]
+            got = model.decode_step(nxt, torch.tensor([caches[1].length]), caches[1])
+            caches[1].length += 1
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("lengths", [(9,), (9, 4, 13)], ids=["one", "padded-batch"])
