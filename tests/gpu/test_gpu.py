@@ -147,13 +147,10 @@ def test_generation_on_cuda_equals_cpu(report):
     assert res.tokens == want
 
 
-def test_quantized_generation_on_cuda_equals_cpu(report):
-    from moge.quant import quantize_model
-
-    model = make_model(CFG)
-    quantize_model(model)
+def _quantized_on_cuda_equals_cpu(report, model, label: str, seed: int) -> None:
+    """A quantized model's logits and greedy tokens on the GPU against the CPU's."""
     prompts = [[1, 2, 3, 4], [5, 6, 7]]
-    ids = _ids(2, 24, seed=3)
+    ids = _ids(2, 24, seed=seed)
     with torch.no_grad():
         ref = model(ids).logits
     want = generate(model, prompts, max_new_tokens=16, stop_ids=[]).tokens
@@ -162,10 +159,18 @@ def test_quantized_generation_on_cuda_equals_cpu(report):
         logits, ms = _timed(lambda: gpu(ids.to(CUDA)).logits)
     res = generate(gpu, prompts, max_new_tokens=16, stop_ids=[])
     err = float((logits.cpu() - ref).abs().max())
-    report.append({"check": "W8A8 logits (int8 _int_mm on cuda)", "max_abs_diff": err, "tol": FP32_TOL, "ms": ms})
-    report.append({"check": "W8A8 greedy generation (tokens differ)", "max_abs_diff": float(res.tokens != want),
+    report.append({"check": f"{label} logits", "max_abs_diff": err, "tol": FP32_TOL, "ms": ms})
+    report.append({"check": f"{label} greedy generation (tokens differ)", "max_abs_diff": float(res.tokens != want),
                    "tol": 0, "ms": None, "decode_tok_s": res.decode_tokens_per_s})
     assert err < FP32_TOL and res.tokens == want
+
+
+def test_quantized_generation_on_cuda_equals_cpu(report):
+    from moge.quant import quantize_model
+
+    model = make_model(CFG)
+    quantize_model(model)
+    _quantized_on_cuda_equals_cpu(report, model, "W8A8 (int8 _int_mm on cuda)", seed=3)
 
 
 def test_generate_command_places_the_model_on_cuda(report, tmp_path, capsys):
@@ -222,20 +227,7 @@ def test_weight_only_generation_on_cuda_equals_cpu(report, scheme):
                       max_position_embeddings=128)
     model = make_model(cfg)
     quantize_weight_only(model, scheme)
-    ids = _ids(2, 24, seed=4)
-    prompts = [[1, 2, 3, 4], [5, 6, 7]]
-    with torch.no_grad():
-        ref = model(ids).logits
-    want = generate(model, prompts, max_new_tokens=16, stop_ids=[]).tokens
-    gpu = model.to(CUDA)
-    with torch.no_grad():
-        logits, ms = _timed(lambda: gpu(ids.to(CUDA)).logits)
-    res = generate(gpu, prompts, max_new_tokens=16, stop_ids=[])
-    err = float((logits.cpu() - ref).abs().max())
-    report.append({"check": f"{scheme} logits", "max_abs_diff": err, "tol": FP32_TOL, "ms": ms})
-    report.append({"check": f"{scheme} greedy generation (tokens differ)", "max_abs_diff": float(res.tokens != want),
-                   "tol": 0, "ms": None, "decode_tok_s": res.decode_tokens_per_s})
-    assert err < FP32_TOL and res.tokens == want
+    _quantized_on_cuda_equals_cpu(report, model, scheme, seed=4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -50,6 +50,7 @@ def set_kernel(kernel: str) -> None:
         raise ConfigError(f"gemv kernel={kernel!r} is invalid: choose one of {KERNELS}")
     _choice = kernel
     _state.pop("use", None)
+    _state.pop("vnni", None)
 
 
 def kernel() -> str:
@@ -162,7 +163,9 @@ def int8_gemv(xq_RK: Tensor, w: Tensor, row_expert: Tensor | None = None) -> Ten
 
 def vnni() -> bool:
     """Whether the built kernel multiplies int8 with AVX-512 VNNI (else a scalar loop)."""
-    return available() and bool(torch.ops.moge_gemv.vnni())
+    if "vnni" not in _state:  # asked on every int8 product: read from the library once
+        _state["vnni"] = available() and bool(torch.ops.moge_gemv.vnni())
+    return bool(_state["vnni"])
 
 
 def gemv(x_RK: Tensor, w: Tensor, scale: Tensor | None = None, row_expert: Tensor | None = None, *,

@@ -54,6 +54,20 @@ def permute(experts_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tenso
     return order_R, order_R // experts_TK.shape[-1], counts_E
 
 
+def expert_slots(experts_TK: Tensor, *rows_T: Tensor) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    """Token slots as rows for a kernel that takes one expert id per row (moge.kernels.gemv):
+    (expert_R, order_R, each of `rows_T` gathered per slot). One token keeps its K slots in routing
+    order (order_R None; its rows are views); a batch's slots are sorted by expert (stable), so each
+    expert's weights stream once, and order_R takes the outputs back (`combine`)."""
+    T, K = experts_TK.shape
+    if T == 1:
+        return experts_TK[0].long(), None, [t.expand(K, *t.shape[1:]) for t in rows_T]
+    order_R = torch.argsort(experts_TK.reshape(-1), stable=True)
+    token_R = order_R // K
+    expert_R = experts_TK.reshape(-1).index_select(0, order_R).long()
+    return expert_R, order_R, [t.index_select(0, token_R) for t in rows_T]
+
+
 def combine(out_RD: Tensor, order_R: Tensor, weights_TK: Tensor) -> Tensor:
     """Weighted sum of each token's K expert outputs, back in token order (deterministic)."""
     T, K = weights_TK.shape
@@ -385,20 +399,12 @@ def _grouped_mm_experts_weight_left(x_RD: Tensor, counts_E: Tensor, gate_up_E2FD
 def _gemv_experts(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, gate_up_E2FD: Tensor,
                   down_EDF: Tensor) -> Tensor:
     """The experts through the gemv kernel: each projection is one call over every token slot,
-    each row naming its expert. One token's K rows go in routing order (no sort); a batch's slots
-    are sorted by expert first, so each expert's weights stream once for all its rows."""
-    T, D = x_TD.shape
+    each row naming its expert (`expert_slots`)."""
     f = gate_up_E2FD.shape[1] // 2
-    if T == 1:
-        K = experts_TK.shape[1]
-        x_RD, expert_R = x_TD.float().expand(K, D), experts_TK[0]
-    else:
-        order_R = torch.argsort(experts_TK.reshape(-1), stable=True)
-        x_RD = x_TD.float().index_select(0, order_R // experts_TK.shape[1])
-        expert_R = experts_TK.reshape(-1).index_select(0, order_R)
-    h_R2F = _gemv.gemv(x_RD, gate_up_E2FD, None, expert_R.long())
-    out_RD = _gemv.gemv(F.silu(h_R2F[:, :f]) * h_R2F[:, f:], down_EDF, None, expert_R.long())
-    if T == 1:
+    expert_R, order_R, (x_RD,) = expert_slots(experts_TK, x_TD.float())
+    h_R2F = _gemv.gemv(x_RD, gate_up_E2FD, None, expert_R)
+    out_RD = _gemv.gemv(F.silu(h_R2F[:, :f]) * h_R2F[:, f:], down_EDF, None, expert_R)
+    if order_R is None:
         return (weights_TK.float() @ out_RD).to(x_TD.dtype)
     return combine(out_RD, order_R, weights_TK).to(x_TD.dtype)
 

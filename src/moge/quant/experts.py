@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moge.kernels import gemv as _gemv
-from moge.nn.experts import SwiGLUExperts, combine, permute
+from moge.nn.experts import SwiGLUExperts, combine, expert_slots, permute
 from moge.quant.int8 import dequantize, int8_kernel, int8_linear, int8_mm, quantize_per_channel, quantize_per_token
 
 
@@ -88,21 +88,14 @@ class QuantExperts(nn.Module):
         """Every token slot in one integer call per projection (the gemv kernel's expert ids): one
         token's K rows in routing order, a batch's slots sorted by expert. Same integer sums and
         scaling as the loop."""
-        T, K = experts_TK.shape
         f = self.intermediate_size
-        if T == 1:
-            expert_R, q_RD, s_R = experts_TK[0].long(), qx_TD.expand(K, -1), sx_T.expand(K)
-        else:
-            order_R = torch.argsort(experts_TK.reshape(-1), stable=True)
-            token_R = order_R // K
-            expert_R = experts_TK.reshape(-1).index_select(0, order_R).long()
-            q_RD, s_R = qx_TD.index_select(0, token_R), sx_T.index_select(0, token_R)
+        expert_R, order_R, (q_RD, s_R) = expert_slots(experts_TK, qx_TD, sx_T)
         h_R2F = _gemv.int8_gemv(q_RD, self.gate_up_proj, expert_R).float()
         h_R2F.mul_(s_R.unsqueeze(-1)).mul_(self.gate_up_scale.index_select(0, expert_R))
         qa, sa = quantize_per_token(F.silu(h_R2F[:, :f]) * h_R2F[:, f:])
         out_RD = _gemv.int8_gemv(qa, self.down_proj, expert_R).float()
         out_RD.mul_(sa.unsqueeze(-1)).mul_(self.down_scale.index_select(0, expert_R))
-        if T == 1:
+        if order_R is None:
             return weights_TK.float() @ out_RD
         return combine(out_RD, order_R, weights_TK.float())
 

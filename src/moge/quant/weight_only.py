@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from moge.errors import ConfigError
 from moge.kernels import gemv as _gemv
-from moge.nn.experts import permute
+from moge.nn.experts import expert_slots
 from moge.nn.moe import MoGEBlock
 from moge.quant.experts import QuantExperts
 from moge.quant.int8 import MIN_SCALE, QuantLinear, quantize_per_channel
@@ -264,8 +264,8 @@ class WOExperts(nn.Module):
 
     Buffers `gate_up_proj` [E, 2F, D(/2)] and `down_proj` [E, D, F(/2)] in the scheme's layout with
     `gate_up_scale` / `down_scale` (and `gate_up_zero` / `down_zero`, asymmetric int4). Rows are
-    sorted by expert (`moge.nn.experts.permute`) and each projection is one kernel call over all
-    of them; one token skips the sort (its K expert ids go to the kernel as they are)."""
+    sorted by expert (`moge.nn.experts.expert_slots`) and each projection is one kernel call over
+    all of them; one token skips the sort (its K expert ids go to the kernel as they are)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, scheme: str = "int8-wo",
                  group_size: int = DEFAULT_GROUP_SIZE, symmetric: bool = True, device=None):
@@ -320,16 +320,13 @@ class WOExperts(nn.Module):
     def forward(self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, backend: str | None = None) -> Tensor:
         del backend  # one kernel; the argument keeps the SwiGLUExperts signature
         T, D = x_TD.shape
-        if T == 1:  # one token: its K rows in routing order, no sort
-            K = experts_TK.shape[1]
-            out_KD = self._run(x_TD.float().expand(K, D), experts_TK[0].long())
-            return (weights_TK.float() @ out_KD).to(x_TD.dtype)
-        order_R, token_R, _ = permute(experts_TK, self.num_experts)
-        flat_R = experts_TK.reshape(-1)
-        out_RD = self._run(x_TD.float().index_select(0, token_R), flat_R.index_select(0, order_R).long())
+        expert_R, order_R, (x_RD,) = expert_slots(experts_TK, x_TD.float())
+        out_RD = self._run(x_RD, expert_R)
+        if order_R is None:  # one token: its K rows in routing order, no sort
+            return (weights_TK.float() @ out_RD).to(x_TD.dtype)
         w_R = weights_TK.reshape(-1).index_select(0, order_R).float()
         y_TD = torch.zeros(T, D, dtype=torch.float32, device=x_TD.device)
-        y_TD.index_add_(0, token_R, out_RD.mul_(w_R[:, None]))
+        y_TD.index_add_(0, order_R // experts_TK.shape[1], out_RD.mul_(w_R[:, None]))
         return y_TD.to(x_TD.dtype)
 
     def extra_repr(self) -> str:
